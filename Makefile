@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh) setup.py
+DEMO_DATA ?= data/synthetic
+DEMO_RUN ?= runs/demo
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.deps: requirements.txt requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+# The C++/CUDA extension is compiled against the torch already in the venv.
+$(VENV)/.ext: $(VENV)/.deps $(EXT_SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.ext
+
+demo: install
+	$(PY) -m wsss.data.synthetic --out $(DEMO_DATA)
+	$(PY) -m wsss.train --cfg configs/demo.yaml data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
+	$(PY) -m wsss.eval --cfg configs/demo.yaml --ckpt $(DEMO_RUN)/checkpoint.pt data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf build wsss/_C*.so $(VENV)/.ext

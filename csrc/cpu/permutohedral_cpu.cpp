@@ -1,0 +1,39 @@
+// CPU kernel of wsss::permutohedral_filter (SPEC §6.2).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "permutohedral.h"
+
+namespace wsss {
+namespace {
+
+at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor& values, bool transpose) {
+  TORCH_CHECK(features.dim() == 3 && values.dim() == 3, "permutohedral_filter: features (B,N,d) and values (B,N,C) expected, got ",
+              features.sizes(), " and ", values.sizes());
+  TORCH_CHECK(features.size(0) == values.size(0) && features.size(1) == values.size(1),
+              "permutohedral_filter: features ", features.sizes(), " and values ", values.sizes(), " disagree on (B,N)");
+  TORCH_CHECK(features.scalar_type() == values.scalar_type(), "permutohedral_filter: features and values dtypes differ");
+  TORCH_CHECK(features.is_contiguous() && values.is_contiguous(), "permutohedral_filter: inputs must be contiguous");
+  const int64_t B = values.size(0), N = values.size(1), C = values.size(2);
+  const int d = static_cast<int>(features.size(2));
+  at::Tensor out = at::empty_like(values);
+  if (N == 0 || C == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "permutohedral_filter_cpu", [&] {
+    const int threads = resolve_num_threads(0);
+    PermutohedralLattice<scalar_t> lattice;
+    for (int64_t b = 0; b < B; ++b) {
+      lattice.build(features.data_ptr<scalar_t>() + b * N * d, N, d, threads);
+      lattice.filter(values.data_ptr<scalar_t>() + b * N * C, out.data_ptr<scalar_t>() + b * N * C, C, transpose);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(wsss, CPU, m) {
+  m.impl("permutohedral_filter", &permutohedral_filter_cpu);
+}
+
+}  // namespace wsss

@@ -1,0 +1,262 @@
+"""The one config system of wsss: typed dataclasses, YAML files and dotted CLI overrides.
+
+``load_config("configs/voc.yaml", ["train.max_iters=100", "model.gcr=false"])`` reads the
+file, applies the overrides (values parsed as YAML scalars/lists) and validates every key
+and type. An unknown key or a value of the wrong type raises :class:`ConfigError` listing the
+valid keys of that section. Train, eval and the benchmarks all use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "voc"  # voc | coco (the synthetic set uses the VOC layout)
+    root: str = "data/VOC2012"
+    cls_labels: str = ""  # image-level label file; empty = <root>/cls_labels.npy (or _onehot)
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    crop_size: int = 448
+    aug: str = "more"  # more (random-resized crop) | toco (rescale + crop with ignore fill)
+    num_workers: int = 4
+    eval_resize: int = 0  # periodic validation resizes images to this size (0 = crop_size)
+
+
+@dataclass
+class ModelConfig:
+    method: str = "more"  # more | baseline | aream
+    backbone: str = "vit_base_patch16_224"  # named shape; the fields below override it if > 0
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    patch_size: int = 0
+    img_size: int = 0  # pretraining grid of pos_embed (0 = from backbone name)
+    num_reg_tokens: int = 4
+    aux_layer: int = -3
+    gcr: bool = True
+    drop_path: float = 0.0
+    decoder_dim: int = 512  # width of the LargeFOV decoder's dilated convs
+    pretrained: str = ""  # local ImageNet checkpoint (timm/DeiT/ViT .pth/.safetensors)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0  # classifier, GCR and decoder learn 10x faster (SPEC 3.7)
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup: float = 0.075  # fraction of max_iters with linear warm-up (1 500 / 20 000)
+    warmup_ratio: float = 1e-6
+    power: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 20000
+    batch_size: int = 4  # per process; global batch = batch_size x world size
+    seg_start: float = 0.1  # fraction of max_iters after which seg/reg losses join (2 000)
+    cam2mask: float = 0.5  # fraction after which CLE/UNE use the main labels (10 000)
+    log_interval: int = 50
+    eval_interval: int = 2000
+    ckpt_interval: int = 2000
+    keep_checkpoints: bool = False  # also keep checkpoint_<step>.pt beside the latest checkpoint.pt
+    grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class LossConfig:
+    w_aux: float = 1.0
+    w_tok: float = 1.0
+    w_ptc: float = 0.3
+    w_cle: float = 0.2
+    w_une: float = 0.1
+    w_seg: float = 0.12
+    w_reg: float = 0.05
+    temp: float = 0.5  # CLE/UNE temperature
+    tok_temp: float = 0.07
+    reg_weight: float = 1e-7  # DenseEnergyLoss internal weight
+    reg_sigma_rgb: float = 15.0
+    reg_sigma_xy: float = 100.0
+    reg_scale: float = 0.5
+    # Token-resolution pseudo labels (ignore_mid high/low) of SPEC §3 step 5.
+    cle_high: float = 0.5  # CLE labels from the aux CAM before cam2mask
+    cle_low: float = 0.25
+    aux_high: float = 0.7  # UNE labels (before cam2mask) and ptc labels from the aux CAM
+    aux_low: float = 0.25
+    main_high: float = 0.6  # CLE/UNE labels from the main CAM after cam2mask
+    main_low: float = 0.35
+
+
+@dataclass
+class CamConfig:
+    scales: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.75, 1.5])
+    bkg_thre: float = 0.5
+    high_thre: float = 0.7
+    low_thre: float = 0.25
+    par_dilations: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    par_iters: int = 10
+    par_down_scale: int = 2
+
+
+@dataclass
+class EvalConfig:
+    scales: List[float] = field(default_factory=lambda: [1.0, 0.75, 1.25])  # segmentation
+    cam_scales: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.75, 1.5])
+    bkg_sweep: List[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6])
+    train_images: int = 0  # images of the train split for pseudo-label mIoU (0 = all)
+    val_images: int = 0  # 0 = all
+    crf: bool = False
+    crf_workers: int = 0  # 0 = all cores
+    panels: int = 4  # PNG panels written per evaluation
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "off"  # off | bf16 | fp16
+    impl: str = "auto"  # kernels: auto | reference | triton
+    resume: str = ""  # checkpoint to resume from
+
+
+_CHOICES = {
+    "data.dataset": ("voc", "coco"),
+    "data.aug": ("more", "toco"),
+    "model.method": ("more", "baseline"),
+    "amp": ("off", "bf16", "fp16"),
+    "impl": ("auto", "reference", "triton"),
+}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, where: str):
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin in (list, List, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an int, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key '{where}'; valid keys{' of ' + prefix[:-1] if prefix else ''}: "
+                              f"{', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{where}.")
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+            choices = _CHOICES.get(where)
+            if choices and kwargs[key] not in choices:
+                raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(choices)}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key, value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    tmp.replace(path)
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values)

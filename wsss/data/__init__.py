@@ -1,0 +1,36 @@
+"""Data sets (VOC, COCO and the synthetic VOC-layout set) and the training augmentation.
+
+``build_datasets`` is what training and evaluation call; ``python -m wsss.data.synthetic``
+writes the synthetic set (see :mod:`wsss.data.synthetic`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from .coco import COCO_CLASSES, COCOClassification, COCOSegmentation
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, denormalize, normalize
+from .voc import VOC_CLASSES, DatasetError, VOCClassification, VOCSegmentation, load_cls_labels
+
+DATASETS = {
+    "voc": (VOCClassification, VOCSegmentation),
+    "coco": (COCOClassification, COCOSegmentation),
+}
+
+__all__ = [
+    "COCO_CLASSES", "COCOClassification", "COCOSegmentation", "DATASETS", "DatasetError", "IMAGENET_MEAN",
+    "IMAGENET_STD", "TrainTransform", "VOC_CLASSES", "VOCClassification", "VOCSegmentation", "build_datasets",
+    "denormalize", "load_cls_labels", "normalize",
+]
+
+
+def build_datasets(dataset: str, root, train_split: str, val_split: str, crop_size: int, cls_labels=None,
+                   aug: str = "more", seed: int = 0, eval_resize: Optional[int] = None) -> Tuple:
+    """(train classification set, train split as a segmentation set for pseudo-label evaluation,
+    val segmentation set). ``eval_resize`` resizes the images of both segmentation sets."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(sorted(DATASETS))}")
+    cls_ds, seg_ds = DATASETS[dataset]
+    train = cls_ds(root, train_split, crop_size=crop_size, cls_labels=cls_labels, aug=aug, seed=seed)
+    train_seg = seg_ds(root, train_split, cls_labels=cls_labels, resize=eval_resize)
+    val = seg_ds(root, val_split, cls_labels=cls_labels, resize=eval_resize)
+    return train, train_seg, val

@@ -1,0 +1,30 @@
+"""python -m wsss.eval --cfg CONFIG.yaml --ckpt CHECKPOINT [key.sub=value ...]"""
+import argparse
+import sys
+
+from wsss.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wsss.eval", description=__doc__)
+    parser.add_argument("--cfg", required=True, help="YAML config file (the run's config.yaml works)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by wsss.train")
+    parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/eval)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.crf=true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.cfg, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    from wsss.eval.evaluate import evaluate
+    from wsss.utils.logging import setup_logging
+
+    setup_logging(cfg.run_dir, "eval")
+    result = evaluate(cfg, args.ckpt, args.out)
+    print(result["markdown"])
+    print(f"written to {result['out_dir']}/results.md, results.csv and panels/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

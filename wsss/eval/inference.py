@@ -1,0 +1,78 @@
+"""Inference for evaluation: segmentation with scales + flip, CAM pseudo labels, quick validation."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from wsss.cam import _scaled_size, cam_to_label, multi_scale_cam, multi_scale_lam
+
+from .metrics import ConfusionMatrix
+
+
+@torch.no_grad()
+def predict_segmentation(model, images: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = True,
+                         out_size=None) -> torch.Tensor:
+    """Class probabilities (B,K,H,W): softmax of the segmentation head averaged over scales
+    and flips, each resized back to ``out_size`` (default: the input size) bilinearly."""
+    H, W = images.shape[-2:]
+    out_size = tuple(out_size or (H, W))
+    B = images.shape[0]
+    probs = None
+    for s in scales:
+        size = _scaled_size((H, W), s, model.patch_size)
+        x = images if size == (H, W) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if flip:
+            x = torch.cat([x, x.flip(-1)], dim=0)
+        logits = model(x, with_score_maps=False).seg_logits.float()
+        p = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).softmax(dim=1)
+        if flip:
+            p = p[:B] + p[B:].flip(-1)
+        probs = p if probs is None else probs + p
+    return probs / (len(scales) * (2 if flip else 1))
+
+
+def _loader_items(dataset, max_images: int):
+    n = len(dataset) if not max_images else min(max_images, len(dataset))
+    for i in range(n):
+        yield dataset[i]
+
+
+@torch.no_grad()
+def quick_validate(model, val_ds, cfg, device, max_images: int = 0) -> Dict[str, float]:
+    """Periodic validation (SPEC §4): images resized to the crop size by the dataset,
+    predictions resized to the label; CAM (multi-scale, bkg 0.5), LAM (with GCR), Seg mIoU."""
+    K = val_ds.num_classes + 1
+    mats = {"cam": ConfusionMatrix(K), "seg": ConfusionMatrix(K)}
+    with_lam = getattr(model, "graph_layer", None) is not None
+    if with_lam:
+        mats["lam"] = ConfusionMatrix(K)
+    for item in _loader_items(val_ds, max_images):
+        image = item["image"][None].to(device)
+        gt = item["label"]
+        y = item["cls_label"][None].to(device)
+        size = tuple(gt.shape[-2:])
+        cam, _ = multi_scale_cam(model, image, tuple(cfg.cam.scales), out_size=size)
+        mats["cam"].update(cam_to_label(cam, y, bkg_thre=cfg.cam.bkg_thre)[1], gt)
+        if with_lam:
+            lam = multi_scale_lam(model, image, tuple(cfg.cam.scales), out_size=size)
+            mats["lam"].update(cam_to_label(lam, y, bkg_thre=cfg.cam.bkg_thre)[1], gt)
+        probs = predict_segmentation(model, image, scales=(1.0,), flip=False, out_size=size)
+        mats["seg"].update(probs.argmax(dim=1), gt)
+    return {k: m.miou() for k, m in mats.items()}
+
+
+def best_threshold(mats: Dict[float, ConfusionMatrix]):
+    """(threshold, matrix) with the highest mIoU from a background-threshold sweep."""
+    thr = max(mats, key=lambda t: mats[t].miou())
+    return thr, mats[thr]
+
+
+def cam_threshold_sweep(maps: torch.Tensor, cls_label: torch.Tensor, gt: torch.Tensor, thresholds,
+                        mats: Dict[float, ConfusionMatrix]) -> None:
+    for t in thresholds:
+        mats[t].update(cam_to_label(maps, cls_label, bkg_thre=t)[1], gt)
+
+
+__all__ = ["predict_segmentation", "quick_validate", "best_threshold", "cam_threshold_sweep"]

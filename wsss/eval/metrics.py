@@ -1,0 +1,60 @@
+"""Confusion-matrix segmentation metrics (SPEC §4)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+
+class ConfusionMatrix:
+    """Accumulates a K×K confusion matrix (rows: ground truth, columns: prediction).
+
+    Pixels whose ground truth is ``ignore_index`` are skipped. IoU_k = TP / (TP + FP + FN),
+    mIoU is the mean over the K classes (classes absent from both GT and prediction count as
+    NaN and are left out of the mean, which matters only for tiny subsets).
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, pred, gt) -> None:
+        pred = torch.as_tensor(pred).reshape(-1).long().cpu()
+        gt = torch.as_tensor(gt).reshape(-1).long().cpu()
+        if pred.shape != gt.shape:
+            raise ValueError(f"pred and gt differ in size: {pred.numel()} vs {gt.numel()}")
+        keep = gt != self.ignore_index
+        pred, gt = pred[keep], gt[keep]
+        K = self.num_classes
+        if gt.numel() and (int(gt.min()) < 0 or int(gt.max()) >= K):
+            raise ValueError(f"gt holds labels outside 0..{K - 1} and {self.ignore_index}")
+        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= K):
+            raise ValueError(f"pred holds labels outside 0..{K - 1}")
+        self.matrix += torch.bincount(gt * K + pred, minlength=K * K).reshape(K, K).numpy()
+
+    def merge(self, other: "ConfusionMatrix") -> None:
+        self.matrix += other.matrix
+
+    def iou(self) -> np.ndarray:
+        tp = np.diag(self.matrix).astype(np.float64)
+        denom = self.matrix.sum(0) + self.matrix.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
+
+    def miou(self) -> float:
+        iou = self.iou()
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+
+    def pixel_accuracy(self) -> float:
+        total = self.matrix.sum()
+        return float(np.diag(self.matrix).sum() / total) if total else 0.0
+
+    def summary(self, class_names: Optional[List[str]] = None) -> Dict:
+        names = class_names or [str(i) for i in range(self.num_classes)]
+        iou = self.iou()
+        return {"miou": self.miou(), "pixel_acc": self.pixel_accuracy(),
+                "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou)}}

@@ -1,0 +1,1 @@
+"""Training: the loop, optimizer/schedule, checkpoints; ``python -m wsss.train``."""

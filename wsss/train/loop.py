@@ -1,0 +1,246 @@
+"""The training loop: one plain loop, autocast + GradScaler, DDP from torchrun's environment,
+periodic validation, atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from wsss.config import Config, config_to_dict, save_config
+from wsss.data import build_datasets
+from wsss.models import build_model
+from wsss.utils.device import autocast, resolve_device, seed_everything
+from wsss.utils.logging import setup_logging
+
+from wsss.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .optim import build_optimizer
+from .steps import Schedule, build_loss_fn
+
+
+class ResumableSampler(Sampler):
+    """Per-epoch shuffle seeded by (seed, epoch), sharded over ranks, able to start mid-epoch.
+
+    The order depends only on the seed, the epoch and the world size, so a resumed run sees
+    exactly the batches the interrupted run would have seen next.
+    """
+
+    def __init__(self, length: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.length, generator=g).tolist()
+        per_rank = self.length // self.world_size  # drop the tail so ranks stay in step
+        return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.length // self.world_size - self.start
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local_rank
+
+
+def _batches(loader: DataLoader, sampler: ResumableSampler, dataset, start_step: int, batch_size: int,
+             world_size: int):
+    """Yield batches forever from ``start_step`` on, with (epoch, offset) derived from the step."""
+    per_epoch = len(dataset) // world_size // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"the training split has {len(dataset)} images, fewer than one batch of "
+                         f"{batch_size} per process ({world_size} processes)")
+    epoch, offset = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch, offset * batch_size)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yield from loader
+        epoch, offset = epoch + 1, 0
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class MetricsWriter:
+    """Losses and lr to ``metrics.csv`` and, when installed, TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.csv"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "name", "value"])
+            for k, v in values.items():
+                w.writerow([step, k, f"{v:.6g}"])
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: Config) -> Path:
+    """Train as ``cfg`` says; returns the path of the final checkpoint."""
+    world, rank, local_rank = _dist_env()
+    device = resolve_device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    run_dir = Path(cfg.run_dir)
+    log = setup_logging(run_dir, "train", rank)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+    seed_everything(cfg.seed + rank)
+
+    train_ds, _, val_ds = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.val_split,
+                                         cfg.data.crop_size, cls_labels=cfg.data.cls_labels or None,
+                                         aug=cfg.data.aug, seed=cfg.seed,
+                                         eval_resize=cfg.data.eval_resize or cfg.data.crop_size)
+    num_classes = train_ds.num_classes
+    model = build_model(cfg.model, num_classes).to(device)
+    opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_iters)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    step = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = int(ckpt["step"])
+        rngs = ckpt["rng"]  # one per rank of the saving run; a new world size reuses rank 0's
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        log.info("resumed from %s at step %d", cfg.resume, step)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)  # the decoder is idle before seg_start
+
+    sampler = ResumableSampler(len(train_ds), cfg.seed, rank, world)
+    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    batches = _batches(loader, sampler, train_ds, step, cfg.train.batch_size, world)
+    schedule = Schedule.from_config(cfg)
+    loss_fn = build_loss_fn(cfg, device)
+    loss_rng = getattr(loss_fn, "generator", None)
+    if cfg.resume and loss_rng is not None and ckpt.get("loss_rng") is not None:
+        loss_rng.set_state(ckpt["loss_rng"])
+    amp_ctx = autocast(device, cfg.amp)
+    writer = MetricsWriter(run_dir, enabled=rank == 0)
+    ckpt_path = run_dir / "checkpoint.pt"
+    log.info("training %s on %s: %d images, %d classes, %d iterations, batch %d x %d process(es); "
+             "seg/reg losses from iteration %d", cfg.model.method, device, len(train_ds), num_classes,
+             cfg.train.max_iters, cfg.train.batch_size, world, schedule.seg_start)
+
+    def save(at_step: int) -> None:
+        rngs = [None] * world
+        state = rng_state()
+        if world > 1:
+            dist.all_gather_object(rngs, state)
+        else:
+            rngs = [state]
+        if rank == 0:
+            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=at_step,
+                            config=config_to_dict(cfg), rng=rngs, num_classes=num_classes,
+                            class_names=list(train_ds.class_names),
+                            loss_rng=loss_rng.get_state() if loss_rng is not None else None)
+            if cfg.train.keep_checkpoints:
+                shutil.copyfile(ckpt_path, run_dir / f"checkpoint_{at_step:06d}.pt")
+
+    model.train()
+    bar = tqdm(total=cfg.train.max_iters, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    t0 = time.time()
+    while step < cfg.train.max_iters:
+        batch = _to_device(next(batches), device)
+        losses = loss_fn(train_model, batch, step, cfg, schedule, amp_ctx)
+        total = sum(losses.values())
+        finite = torch.isfinite(total.detach()).float()
+        if world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            bad = {k: float(v) for k, v in losses.items()}
+            raise FloatingPointError(f"non-finite loss at step {step}: {bad}; training stopped, the last "
+                                     f"good checkpoint ({ckpt_path}) is kept")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        if cfg.train.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.train.log_interval == 0 or step == cfg.train.max_iters:
+            values = {f"loss/{k}": float(v) for k, v in losses.items()}
+            values["loss/total"] = float(total)
+            values["lr"] = opt.param_groups[0]["lr"]
+            writer.write(step, values)
+            bar.set_postfix(loss=f"{float(total):.4f}", lr=f"{values['lr']:.2e}")
+            log.info("step %d/%d %s (%.2fs/it)", step, cfg.train.max_iters,
+                     " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items()),
+                     (time.time() - t0) / max(1, step))
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_iters:
+            if rank == 0:
+                _periodic_eval(model, val_ds, cfg, device, writer, step, log)
+            model.train()
+        if step % cfg.train.ckpt_interval == 0 or step == cfg.train.max_iters:
+            save(step)
+    bar.close()
+    if rank == 0:
+        _periodic_eval(model, val_ds, cfg, device, writer, step, log)
+    writer.close()
+    if world > 1:
+        dist.destroy_process_group()
+    log.info("done in %.1f min; checkpoint %s", (time.time() - t0) / 60, ckpt_path)
+    return ckpt_path
+
+
+def _periodic_eval(model, val_ds, cfg: Config, device, writer: MetricsWriter, step: int, log) -> Optional[dict]:
+    from wsss.eval.inference import quick_validate
+
+    model.eval()
+    scores = quick_validate(model, val_ds, cfg, device, max_images=cfg.eval.val_images)
+    writer.write(step, {f"val/{k}": v for k, v in scores.items()})
+    log.info("step %d validation mIoU: %s", step, "  ".join(f"{k} {100 * v:.1f}" for k, v in scores.items()))
+    return scores
+

@@ -1,0 +1,123 @@
+"""One training step's losses (SPEC §3). ``method=baseline`` is the single-stage recipe the
+foundation trains: classification + auxiliary classification, then the segmentation head
+on PAR-refined CAM pseudo labels after ``seg_start``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from wsss.cam import cam_to_label, multi_scale_cam, refine_cams_with_bkg
+from wsss.config import Config
+from wsss.data.transforms import denormalize
+from wsss.kernels import par_refine
+from wsss.losses import (DenseEnergyLoss, classification_loss, cle_loss, seg_loss, token_regularization_loss,
+                         une_loss)
+from wsss.kernels import masked_cosine_affinity_loss
+
+IGNORE = 255
+
+
+@dataclass
+class Schedule:
+    """Iteration thresholds derived from the fractions in the config."""
+
+    seg_start: int
+    cam2mask: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Schedule":
+        n = cfg.train.max_iters
+        return cls(seg_start=int(round(cfg.train.seg_start * n)), cam2mask=int(round(cfg.train.cam2mask * n)))
+
+
+def make_par(cfg: Config):
+    return partial(par_refine, dilations=tuple(cfg.cam.par_dilations), num_iter=cfg.cam.par_iters, impl=cfg.impl)
+
+
+@torch.no_grad()
+def refined_pseudo_labels(model, images, cls_label, valid, cfg: Config):
+    """Multi-scale CAM → label-masked CAM → PAR with two background scores (SPEC §3 steps 1–3)."""
+    model = getattr(model, "module", model)  # CAMs come from the bare model, also under DDP
+    cam, cam_aux = multi_scale_cam(model, images, tuple(cfg.cam.scales))
+    valid_cam, _ = cam_to_label(cam, cls_label, bkg_thre=cfg.cam.bkg_thre, high_thre=cfg.cam.high_thre,
+                                low_thre=cfg.cam.low_thre, ignore_mid=True, ignore_index=IGNORE)
+    label = refine_cams_with_bkg(denormalize(images), valid_cam, cls_label, cfg.cam.high_thre, cfg.cam.low_thre,
+                                 ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
+    label[~valid] = IGNORE
+    return cam, cam_aux, label
+
+
+def baseline_losses(model, batch, step: int, cfg: Config, schedule: Schedule, amp_ctx) -> Dict[str, torch.Tensor]:
+    images, cls_label, valid = batch["image"], batch["cls_label"], batch["valid"]
+    seg_on = step >= schedule.seg_start and cfg.loss.w_seg > 0
+    with amp_ctx:
+        out = model(images, with_score_maps=False)
+    losses = {"cls": classification_loss(out.cls_logits, cls_label),
+              "aux": cfg.loss.w_aux * classification_loss(out.aux_cls_logits, cls_label)}
+    if seg_on:
+        _, _, label = refined_pseudo_labels(model, images, cls_label, valid, cfg)
+        seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        losses["seg"] = cfg.loss.w_seg * seg_loss(seg, label, IGNORE)
+    return losses
+
+
+def _token_labels(cam, cls_label, size, high, low):
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    return cam_to_label(cam, cls_label, high_thre=high, low_thre=low, ignore_mid=True, ignore_index=IGNORE)[1]
+
+
+class MoReLosses:
+    """MoRe's objective (SPEC §3 steps 4–6). Holds the energy loss module and the seeded
+    generator UNE samples with, so a resumed run continues the same stream."""
+
+    def __init__(self, cfg: Config, device):
+        self.energy = DenseEnergyLoss(weight=cfg.loss.reg_weight, sigma_rgb=cfg.loss.reg_sigma_rgb,
+                                      sigma_xy=cfg.loss.reg_sigma_xy, scale_factor=cfg.loss.reg_scale)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def __call__(self, model, batch, step: int, cfg: Config, schedule: Schedule, amp_ctx):
+        images, y, valid = batch["image"], batch["cls_label"], batch["valid"]
+        lc = cfg.loss
+        seg_on = step >= schedule.seg_start
+        cam, cam_aux, label = refined_pseudo_labels(model, images, y, valid, cfg)
+        with amp_ctx:
+            out = model(images, with_score_maps=False)
+        size = out.patch_features.shape[-2:]
+        token_valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0
+        l_aux = _token_labels(cam_aux, y, size, lc.aux_high, lc.aux_low)
+        if step < schedule.cam2mask:
+            l_cle = _token_labels(cam_aux, y, size, lc.cle_high, lc.cle_low)
+            l_une = l_aux
+        else:
+            l_cle = l_une = _token_labels(cam, y, size, lc.main_high, lc.main_low)
+        for lab in (l_aux, l_cle, l_une):
+            lab[~token_valid] = IGNORE
+        feats = out.patch_features.float()
+        losses = {
+            "cls": classification_loss(out.cls_logits, y),
+            "aux": lc.w_aux * classification_loss(out.aux_cls_logits, y),
+            "tok": lc.w_tok * token_regularization_loss(out.class_tokens, lc.tok_temp),
+            "cle": lc.w_cle * cle_loss(out.class_tokens, feats, l_cle, y, lc.temp),
+            "une": lc.w_une * une_loss(out.class_tokens, feats, l_une, y, lc.temp, generator=self.generator),
+            "ptc": lc.w_ptc * masked_cosine_affinity_loss(feats, l_aux, ignore_index=IGNORE, impl=cfg.impl),
+        }
+        if seg_on:
+            seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear",
+                                align_corners=False)
+            losses["seg"] = lc.w_seg * seg_loss(seg, label, IGNORE)
+            if lc.w_reg > 0:
+                losses["reg"] = lc.w_reg * self.energy(images, seg, label, roi=valid.float())
+        return losses
+
+
+def build_loss_fn(cfg: Config, device):
+    """The objective of ``cfg.model.method``: a callable returning the weighted loss terms."""
+    if cfg.model.method == "baseline":
+        return baseline_losses
+    if cfg.model.method == "more":
+        return MoReLosses(cfg, device)
+    raise ValueError(f"model.method={cfg.model.method!r} has no training objective")
