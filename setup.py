@@ -40,7 +40,8 @@ def _extensions():
         and torch.version.cuda is not None
         and os.environ.get("WSSS_NO_CUDA") != "1"
     )
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch picks the standard its headers need (C++17 or C++20 by version).
+    cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
     if with_cuda:
@@ -51,7 +52,7 @@ def _extensions():
             "wsss._C",
             rel(sources_cpp + sources_cu),
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:

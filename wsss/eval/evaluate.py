@@ -20,7 +20,7 @@ from wsss.data import build_datasets
 from wsss.data.transforms import denormalize
 from wsss.kernels import par_refine
 from wsss.models import build_model
-from wsss.utils.checkpoint import model_state
+from wsss.utils.checkpoint import load_checkpoint
 from wsss.utils.device import resolve_device
 from wsss.utils.logging import get_logger
 
@@ -30,7 +30,7 @@ from .report import colorize, format_markdown, heatmap, results_table, save_pane
 
 
 def load_model(cfg: Config, ckpt_path, device):
-    ckpt = model_state(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
     num_classes = int(ckpt.get("num_classes", 0)) or None
     if num_classes is None:
         raise ValueError(f"{ckpt_path}: checkpoint does not record num_classes")
@@ -71,7 +71,8 @@ def evaluate_pseudo_labels(model, dataset, cfg: Config, device, K: int):
             cam_threshold_sweep(m, y, gt, sweep, mats[name])
             lab = refine_cams_with_bkg(denormalize(image), m * y[:, :, None, None], y, cfg.cam.high_thre,
                                        cfg.cam.low_thre, down_scale=cfg.cam.par_down_scale, par=_par(cfg))
-            refined[f"{name}+PAR"].update(lab, gt)
+            # pixels the refinement leaves uncertain (ignore) count as background
+            refined[f"{name}+PAR"].update(torch.where(lab == 255, 0, lab), gt)
         background.update(torch.zeros_like(gt), gt)
     return mats, refined, background
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -43,7 +44,9 @@ class ResumableSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         perm = torch.randperm(self.length, generator=g).tolist()
         per_rank = self.length // self.world_size  # drop the tail so ranks stay in step
-        return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+        # Strided shards: the ranks' k-th batches together are consecutive entries of the
+        # permutation, the same images one process would take as one global batch.
+        return perm[:per_rank * self.world_size][self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices()[self.start:])
@@ -187,7 +190,9 @@ def train(cfg: Config) -> Path:
                 shutil.copyfile(ckpt_path, run_dir / f"checkpoint_{at_step:06d}.pt")
 
     model.train()
-    bar = tqdm(total=cfg.train.max_iters, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    # The bar is for terminals; logs and files get the periodic log lines instead.
+    bar = tqdm(total=cfg.train.max_iters, initial=step, disable=rank != 0 or not sys.stderr.isatty(),
+               desc="train", dynamic_ncols=True)
     t0 = time.time()
     while step < cfg.train.max_iters:
         batch = _to_device(next(batches), device)
@@ -211,11 +216,11 @@ def train(cfg: Config) -> Path:
         step += 1
         bar.update(1)
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_iters:
-            values = {f"loss/{k}": float(v) for k, v in losses.items()}
-            values["loss/total"] = float(total)
+            values = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
+            values["loss/total"] = float(total.detach())
             values["lr"] = opt.param_groups[0]["lr"]
             writer.write(step, values)
-            bar.set_postfix(loss=f"{float(total):.4f}", lr=f"{values['lr']:.2e}")
+            bar.set_postfix(loss=f"{values['loss/total']:.4f}", lr=f"{values['lr']:.2e}")
             log.info("step %d/%d %s (%.2fs/it)", step, cfg.train.max_iters,
                      " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items()),
                      (time.time() - t0) / max(1, step))
