@@ -17,7 +17,9 @@ position, scale and rotation over a cluttered low-saturation background with dis
 and blobs (label 0). Later objects occlude earlier ones and the labels follow what is visible.
 Class k has its own shape family, its own texture and its own hue range (ranges do not
 overlap; objects are saturated, background and distractors are not), so a small ViT trained
-from scratch can learn the classes in minutes.
+from scratch can learn the classes in minutes. Half of the images also hold a decoy: a bar
+painted in some class's colours and texture, labelled background, so that colour alone does
+not localise a class and CAMs face the false positives real data gives them.
 
 Everything is a function of the seed: image i of a split is drawn from
 ``np.random.default_rng([seed, split_id, i])`` and a re-run writes the same bytes. A directory
@@ -40,7 +42,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump whenever the drawing changes, so stale sets are regenerated
+GENERATOR_VERSION = 2  # bump whenever the drawing changes, so stale sets are regenerated
 MARKER = "synthetic.json"
 IGNORE_INDEX = 255
 MAX_CLASSES = 20
@@ -55,6 +57,8 @@ OBJECT_DIAMETER = (0.22, 0.48)
 OBJECTS_PER_IMAGE = (1, 3)
 MIN_VISIBLE_FRACTION = 0.5  # an occluded object keeps at least this share of its pixels
 PLACEMENT_TRIES = 12
+DECOY_PROBABILITY = 0.5  # chance of one decoy: a bar painted like a random class, labelled background
+DECOY_DIAMETER = (0.25, 0.45)
 HUE_WIDTH_MAX = 0.08  # per-class hue range (fraction of the circle), at most 0.45/C
 OBJECT_SATURATION = (0.6, 1.0)
 BACKGROUND_SATURATION_MAX = 0.18
@@ -181,6 +185,8 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, rng) -> np.ndarray:
         return (r <= 1.0) & (np.hypot(u - 0.5, v) > 0.8)
     if shape == "diamond":
         return np.abs(u) + np.abs(v) / 0.65 <= 1.0
+    if shape == "bar":  # decoys only: no class has this family
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.22)
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -209,11 +215,11 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray, rng) -> np.ndarray:
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def _object(rng, cls: Dict, H: int, W: int):
+def _object(rng, cls: Dict, H: int, W: int, shape=None, diameter=OBJECT_DIAMETER):
     """One object: (mask (H,W) bool, colour layer (H,W,3) float) — the layer is only valid
-    under the mask."""
+    under the mask. ``shape`` overrides the class's shape family (decoys)."""
     m = min(H, W)
-    R = 0.5 * m * rng.uniform(*OBJECT_DIAMETER)
+    R = 0.5 * m * rng.uniform(*diameter)
     cx = rng.uniform(0.7 * R, W - 0.7 * R) if W > 1.4 * R else W / 2
     cy = rng.uniform(0.7 * R, H - 0.7 * R) if H > 1.4 * R else H / 2
     angle = rng.uniform(0, 2 * math.pi)
@@ -224,7 +230,7 @@ def _object(rng, cls: Dict, H: int, W: int):
     dx, dy = xx + 0.5 - cx, yy + 0.5 - cy
     u = np.cos(angle) * dx + np.sin(angle) * dy
     v = -np.sin(angle) * dx + np.cos(angle) * dy
-    local = _shape_mask(cls["shape"], u / R, v / R, rng)
+    local = _shape_mask(shape or cls["shape"], u / R, v / R, rng)
     t = _texture(cls["texture"], u, v, rng)
     centre, half = cls["hue"]
     hue = centre + rng.uniform(-0.5, 0.5) * half + 0.5 * half * (t - 0.5)
@@ -256,6 +262,12 @@ def render_image(rng: np.random.Generator, size: int, classes: List[Dict]) -> Tu
     W = int(rng.integers(math.ceil(0.75 * size), size + 1))
     img = _background(rng, H, W)
     _draw_distractors(rng, img)
+    if rng.random() < DECOY_PROBABILITY:
+        # Colour and texture alone must not give the class away: a bar in a class's colours
+        # is background, so the network has to look at shape too.
+        mask, layer = _object(rng, classes[int(rng.integers(0, len(classes)))], H, W, shape="bar",
+                              diameter=DECOY_DIAMETER)
+        img[mask] = layer[mask]
     owner = np.full((H, W), -1, dtype=np.int64)
     areas, object_classes = [], []
     for _ in range(int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))):

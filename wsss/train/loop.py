@@ -231,6 +231,8 @@ def train(cfg: Config) -> Path:
         if step % cfg.train.ckpt_interval == 0 or step == cfg.train.max_iters:
             save(step)
     bar.close()
+    if world > 1:
+        _check_replicas_in_sync(model)
     if rank == 0:
         _periodic_eval(model, val_ds, cfg, device, writer, step, log)
     writer.close()
@@ -238,6 +240,18 @@ def train(cfg: Config) -> Path:
         dist.destroy_process_group()
     log.info("done in %.1f min; checkpoint %s", (time.time() - t0) / 60, ckpt_path)
     return ckpt_path
+
+
+@torch.no_grad()
+def _check_replicas_in_sync(model) -> None:
+    """All ranks must end with the same weights; a cheap checksum makes divergence loud."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    local = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype,
+                                                          device=flat.device).remainder(7919)).sum()])
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    if any(not torch.allclose(g, gathered[0], rtol=1e-9, atol=0) for g in gathered):
+        raise RuntimeError(f"DDP replicas diverged: parameter checksums {[g.tolist() for g in gathered]}")
 
 
 def _periodic_eval(model, val_ds, cfg: Config, device, writer: MetricsWriter, step: int, log) -> Optional[dict]:

@@ -1,0 +1,1 @@
+"""Command-line tools beyond train/eval (ablations, analysis)."""
