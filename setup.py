@@ -41,7 +41,8 @@ def _extensions():
         and os.environ.get("WSSS_NO_CUDA") != "1"
     )
     # No -std flag: torch picks the standard its headers need (C++17 or C++20 by version).
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -g0: Python's default CFLAGS carry -g, which only slows the build and bloats the library.
+    cxx_flags = ["-O3", "-g0", "-fopenmp"]
     define_macros = []
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
     if with_cuda:

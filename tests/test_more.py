@@ -238,3 +238,19 @@ def test_schedule_switches_at_configured_iterations():
     assert (s.seg_start, s.cam2mask) == (2000, 10000)
     s = Schedule.from_config(load_config(None, ["train.max_iters=100", "train.seg_start=0.25", "train.cam2mask=0.6"]))
     assert (s.seg_start, s.cam2mask) == (25, 60)
+
+
+def test_eval_loads_an_official_checkpoint_file(tmp_path):
+    from wsss.config import load_config
+    from wsss.eval.evaluate import load_model
+
+    torch.manual_seed(0)
+    m = MoRe(3, backbone="custom", embed_dim=64, depth=3, num_heads=1, patch_size=8, img_size=32,
+             decoder_dim=16).eval()
+    path = tmp_path / "official.pth"
+    torch.save({"model": {"module." + k: v for k, v in m.official_state_dict().items()}}, path)
+    cfg = load_config(None, ["model.num_heads=1", "device=cpu"])
+    loaded, C = load_model(cfg, path, torch.device("cpu"))
+    assert C == 3
+    x = torch.randn(1, 3, 32, 40)
+    assert torch.equal(loaded(x).seg_logits, m(x).seg_logits)

@@ -67,9 +67,20 @@ def test_resume_gives_the_same_next_steps(data_root, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7)
 
 
-def test_non_finite_loss_stops_with_a_clear_error(data_root, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path, monkeypatch):
+    import wsss.train.steps as steps
     from wsss.train.loop import train
 
     run = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
-        train(_cfg(data_root, run, "model.method=baseline", "train.max_iters=3", "optim.lr=.nan"))
+    calls = {"n": 0}
+    real = steps.classification_loss
+
+    def poisoned(logits, y):  # the 4th step's loss goes NaN
+        calls["n"] += 1
+        loss = real(logits, y)
+        return loss * float("nan") if calls["n"] > 6 else loss
+
+    monkeypatch.setattr(steps, "classification_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        train(_cfg(data_root, run, "model.method=baseline", "train.max_iters=6", "train.ckpt_interval=2"))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2

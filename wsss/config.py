@@ -164,6 +164,12 @@ def _coerce(value: Any, tp, where: str):
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept any numeric spelling
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a float, got {value!r}")
         return float(value)

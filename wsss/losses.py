@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from wsss.crf.energy import DenseEnergyLoss  # noqa: F401  (the regularized loss, SPEC §6.1; C++/CUDA)
+
 
 def _check_label(name: str, label: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     if label.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):

@@ -1,7 +1,10 @@
 // CPU kernel of wsss::permutohedral_filter (SPEC §6.2).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "permutohedral.h"
 
@@ -21,11 +24,23 @@ at::Tensor permutohedral_filter_cpu(const at::Tensor& features, const at::Tensor
   if (N == 0 || C == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "permutohedral_filter_cpu", [&] {
     const int threads = resolve_num_threads(0);
-    PermutohedralLattice<scalar_t> lattice;
-    for (int64_t b = 0; b < B; ++b) {
-      lattice.build(features.data_ptr<scalar_t>() + b * N * d, N, d, threads);
-      lattice.filter(values.data_ptr<scalar_t>() + b * N * C, out.data_ptr<scalar_t>() + b * N * C, C, transpose);
-    }
+    const int64_t ld = padded_channels(C);
+    // Several images: one thread per image, each image serial (one fork/join in all). One
+    // image: the lattice's own loops run in parallel.
+    const int64_t outer = std::min<int64_t>(B, threads);
+    parallel_chunks(B, 1, static_cast<int>(outer), [&](int64_t b0, int64_t b1) {
+      // The lattice streams rows padded to whole SIMD blocks.
+      std::vector<scalar_t> in(N * ld, scalar_t(0)), res(N * ld);
+      PermutohedralLattice<scalar_t> lattice;
+      for (int64_t b = b0; b < b1; ++b) {
+        const scalar_t* src = values.data_ptr<scalar_t>() + b * N * C;
+        scalar_t* dst = out.data_ptr<scalar_t>() + b * N * C;
+        for (int64_t i = 0; i < N; ++i) std::copy(src + i * C, src + (i + 1) * C, in.data() + i * ld);
+        lattice.build(features.data_ptr<scalar_t>() + b * N * d, N, d, threads);
+        lattice.filter(in.data(), res.data(), ld, transpose);
+        for (int64_t i = 0; i < N; ++i) std::copy(res.data() + i * ld, res.data() + i * ld + C, dst + i * C);
+      }
+    });
   });
   return out;
 }

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from wsss.crf._ext import ops
+from wsss.crf.energy import DenseEnergyLoss
 
-__all__ = ["dense_crf", "dense_crf_batch", "dense_crf_many", "permutohedral_filter", "MAX_FEATURE_DIM"]
+__all__ = ["dense_crf", "dense_crf_batch", "dense_crf_many", "permutohedral_filter", "DenseEnergyLoss",
+           "MAX_FEATURE_DIM"]
 
 MAX_FEATURE_DIM = 16  # kMaxFeatureDim in csrc/cpu/permutohedral.h
 # Lattice keys are int32: |feature| · (d+1)² stays far below 2^31 under this bound.

@@ -20,7 +20,8 @@ BUILD_HINT = (
 )
 
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict = {}  # module name -> None when loaded, else the error text
+_registered = False
 
 
 def ops(module_name: str = "wsss._C"):
@@ -38,8 +39,10 @@ def ops(module_name: str = "wsss._C"):
         except (ImportError, OSError, AttributeError, RuntimeError) as exc:
             _state[module_name] = f"{type(exc).__name__}: {exc}"
             raise ImportError(f"{BUILD_HINT}: {type(exc).__name__}: {exc}") from exc
-        if not _state:
+        global _registered
+        if not _registered:
             _register_python_parts()
+            _registered = True
         _state[module_name] = None
         return torch.ops.wsss
 

@@ -29,8 +29,32 @@ from .metrics import ConfusionMatrix
 from .report import colorize, format_markdown, heatmap, results_table, save_panel, write_csv
 
 
+def _official_state_dict(obj):
+    """The state dict of a checkpoint saved by the official MoRe code, or None."""
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if isinstance(sd, dict) and any(k.replace("module.", "", 1) == "encoder.cls_token" for k in sd):
+        return sd
+    return None
+
+
 def load_model(cfg: Config, ckpt_path, device):
-    ckpt = load_checkpoint(ckpt_path)
+    """A wsss checkpoint, or one saved by the official MoRe code (recognised by its keys)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    official = _official_state_dict(raw)
+    if official is not None:
+        from wsss.models import MoRe
+
+        model = MoRe.from_official_state_dict(official, aux_layer=cfg.model.aux_layer,
+                                              num_heads=cfg.model.num_heads)
+        get_logger().info("loaded an official MoRe checkpoint from %s", path)
+        return model.to(device).eval(), model.num_classes
+    ckpt = load_checkpoint(path)
     num_classes = int(ckpt.get("num_classes", 0)) or None
     if num_classes is None:
         raise ValueError(f"{ckpt_path}: checkpoint does not record num_classes")

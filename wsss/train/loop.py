@@ -153,8 +153,7 @@ def train(cfg: Config) -> Path:
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)  # the decoder is idle before seg_start
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     sampler = ResumableSampler(len(train_ds), cfg.seed, rank, world)
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,

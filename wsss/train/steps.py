@@ -38,17 +38,27 @@ def make_par(cfg: Config):
     return partial(par_refine, dilations=tuple(cfg.cam.par_dilations), num_iter=cfg.cam.par_iters, impl=cfg.impl)
 
 
+def idle_decoder_term(out) -> torch.Tensor:
+    """Zero that still depends on the decoder: before ``seg_start`` every parameter must take
+    part in the loss so DDP's gradient all-reduce sees the same set on every step."""
+    return out.seg_logits.sum() * 0.0
+
+
 @torch.no_grad()
-def refined_pseudo_labels(model, images, cls_label, valid, cfg: Config):
-    """Multi-scale CAM → label-masked CAM → PAR with two background scores (SPEC §3 steps 1–3)."""
-    model = getattr(model, "module", model)  # CAMs come from the bare model, also under DDP
-    cam, cam_aux = multi_scale_cam(model, images, tuple(cfg.cam.scales))
+def training_cams(model, images, cfg: Config):
+    """Multi-scale CAMs of the batch (SPEC §3 step 1), from the bare model also under DDP."""
+    return multi_scale_cam(getattr(model, "module", model), images, tuple(cfg.cam.scales))
+
+
+@torch.no_grad()
+def refined_pseudo_labels(images, cam, cls_label, valid, cfg: Config):
+    """Label-masked CAM → PAR with two background scores (SPEC §3 steps 2–3)."""
     valid_cam, _ = cam_to_label(cam, cls_label, bkg_thre=cfg.cam.bkg_thre, high_thre=cfg.cam.high_thre,
                                 low_thre=cfg.cam.low_thre, ignore_mid=True, ignore_index=IGNORE)
     label = refine_cams_with_bkg(denormalize(images), valid_cam, cls_label, cfg.cam.high_thre, cfg.cam.low_thre,
                                  ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
     label[~valid] = IGNORE
-    return cam, cam_aux, label
+    return label
 
 
 def baseline_losses(model, batch, step: int, cfg: Config, schedule: Schedule, amp_ctx) -> Dict[str, torch.Tensor]:
@@ -59,9 +69,12 @@ def baseline_losses(model, batch, step: int, cfg: Config, schedule: Schedule, am
     losses = {"cls": classification_loss(out.cls_logits, cls_label),
               "aux": cfg.loss.w_aux * classification_loss(out.aux_cls_logits, cls_label)}
     if seg_on:
-        _, _, label = refined_pseudo_labels(model, images, cls_label, valid, cfg)
+        cam, _ = training_cams(model, images, cfg)
+        label = refined_pseudo_labels(images, cam, cls_label, valid, cfg)
         seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
         losses["seg"] = cfg.loss.w_seg * seg_loss(seg, label, IGNORE)
+    else:
+        losses["seg"] = idle_decoder_term(out)
     return losses
 
 
@@ -75,15 +88,17 @@ class MoReLosses:
     generator UNE samples with, so a resumed run continues the same stream."""
 
     def __init__(self, cfg: Config, device):
-        self.energy = DenseEnergyLoss(weight=cfg.loss.reg_weight, sigma_rgb=cfg.loss.reg_sigma_rgb,
-                                      sigma_xy=cfg.loss.reg_sigma_xy, scale_factor=cfg.loss.reg_scale)
+        self.energy = None
+        if cfg.loss.w_reg > 0:
+            self.energy = DenseEnergyLoss(weight=cfg.loss.reg_weight, sigma_rgb=cfg.loss.reg_sigma_rgb,
+                                          sigma_xy=cfg.loss.reg_sigma_xy, scale_factor=cfg.loss.reg_scale)
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def __call__(self, model, batch, step: int, cfg: Config, schedule: Schedule, amp_ctx):
         images, y, valid = batch["image"], batch["cls_label"], batch["valid"]
         lc = cfg.loss
         seg_on = step >= schedule.seg_start
-        cam, cam_aux, label = refined_pseudo_labels(model, images, y, valid, cfg)
+        cam, cam_aux = training_cams(model, images, cfg)
         with amp_ctx:
             out = model(images, with_score_maps=False)
         size = out.patch_features.shape[-2:]
@@ -105,12 +120,15 @@ class MoReLosses:
             "une": lc.w_une * une_loss(out.class_tokens, feats, l_une, y, lc.temp, generator=self.generator),
             "ptc": lc.w_ptc * masked_cosine_affinity_loss(feats, l_aux, ignore_index=IGNORE, impl=cfg.impl),
         }
-        if seg_on:
+        if seg_on:  # the PAR-refined label feeds only the segmentation and energy losses
+            label = refined_pseudo_labels(images, cam, y, valid, cfg)
             seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear",
                                 align_corners=False)
             losses["seg"] = lc.w_seg * seg_loss(seg, label, IGNORE)
-            if lc.w_reg > 0:
+            if self.energy is not None:
                 losses["reg"] = lc.w_reg * self.energy(images, seg, label, roi=valid.float())
+        else:
+            losses["seg"] = idle_decoder_term(out)
         return losses
 
 
