@@ -201,7 +201,7 @@ def train(cfg: Config) -> Path:
         if world > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() < 1:
-            bad = {k: float(v) for k, v in losses.items()}
+            bad = {k: float(v.detach()) for k, v in losses.items()}
             raise FloatingPointError(f"non-finite loss at step {step}: {bad}; training stopped, the last "
                                      f"good checkpoint ({ckpt_path}) is kept")
         opt.zero_grad(set_to_none=True)
