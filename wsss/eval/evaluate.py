@@ -7,6 +7,7 @@ flip, optionally followed by the dense CRF. Each beside the all-background basel
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -110,7 +111,7 @@ def evaluate_segmentation(model, dataset, cfg: Config, device, K: int, panel_dir
         from wsss.crf import dense_crf_many
 
         outs = dense_crf_many([b[0] for b in crf_batch], [b[1] for b in crf_batch],
-                              num_workers=cfg.eval.crf_workers or None)
+                              num_workers=cfg.eval.crf_workers or (os.cpu_count() or 1))
         for q, (_, _, gt) in zip(outs, crf_batch):
             seg_crf.update(torch.as_tensor(np.asarray(q)).argmax(dim=0), gt)
         crf_batch.clear()
