@@ -21,7 +21,7 @@ from wsss.data import build_datasets
 from wsss.data.transforms import denormalize
 from wsss.kernels import par_refine
 from wsss.models import build_model
-from wsss.utils.checkpoint import load_checkpoint
+from wsss.utils.checkpoint import read_torch_file
 from wsss.utils.device import resolve_device
 from wsss.utils.logging import get_logger
 
@@ -41,12 +41,7 @@ def _official_state_dict(obj):
 def load_model(cfg: Config, ckpt_path, device):
     """A wsss checkpoint, or one saved by the official MoRe code (recognised by its keys)."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    raw = read_torch_file(path)
     official = _official_state_dict(raw)
     if official is not None:
         from wsss.models import MoRe
@@ -55,7 +50,9 @@ def load_model(cfg: Config, ckpt_path, device):
                                               num_heads=cfg.model.num_heads)
         get_logger().info("loaded an official MoRe checkpoint from %s", path)
         return model.to(device).eval(), model.num_classes
-    ckpt = load_checkpoint(path)
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise ValueError(f"{path} is neither a wsss checkpoint nor an official MoRe one")
+    ckpt = raw
     num_classes = int(ckpt.get("num_classes", 0)) or None
     if num_classes is None:
         raise ValueError(f"{ckpt_path}: checkpoint does not record num_classes")

@@ -38,14 +38,19 @@ def save_checkpoint(path, **payload) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path) -> dict:
+def read_torch_file(path):
+    """Whatever a torch-saved file holds, loaded safely (``weights_only``) on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def load_checkpoint(path) -> dict:
+    ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a wsss checkpoint (no 'model' entry)")
     return ckpt
