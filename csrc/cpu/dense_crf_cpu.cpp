@@ -1,8 +1,8 @@
 // CPU kernel of wsss::dense_crf: mean-field inference of the fully connected CRF with a
 // Gaussian (xy) and a bilateral (xy+rgb) kernel and Potts compatibility, exactly as SPEC §6.3.
 // Each kernel's lattice is built once per image and reused for every iteration; all K labels go
-// through one splat/blur/slice pass; the symmetric normalisation is folded into the splat and
-// slice weights.
+// through one splat/blur/slice; the symmetric normalisation is a per-point scale of the splat
+// and slice weights; one fused pass per iteration slices, normalises and splats the new Q.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>

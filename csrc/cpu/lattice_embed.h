@@ -22,10 +22,14 @@ using std::floor;
 
 // SPEC §6.2 "Elevate", "Enclosing simplex" and "Barycentric weights" for one point:
 // writes rem0, rank and the barycentric weights (d+1 each).
-// scale[j] = sqrt(2/3) (d+1) / sqrt((j+1)(j+2)).
-template <typename T>
-WSSS_HOST_DEVICE void lattice_embed_point(const T* f, int d, const T* scale, int32_t* rem0, int32_t* rank, T* bary_out) {
+// scale[j] = sqrt(2/3) (d+1) / sqrt((j+1)(j+2)). D > 0 fixes the dimension at compile time
+// (d is then ignored), which lets the compiler unroll everything for the common d = 2 and 5.
+template <typename T, int D = 0>
+WSSS_HOST_DEVICE void lattice_embed_point(const T* f, int d_runtime, const T* scale, int32_t* rem0, int32_t* rank,
+                                          T* bary_out) {
+  const int d = D > 0 ? D : d_runtime;
   const int d1 = d + 1;
+  const T inv_d1 = T(1) / T(d1);  // multiplying by 1/(d+1) as Krähenbühl's code does
   T elevated[kMaxFeatureDim + 1];
   T resid[kMaxFeatureDim + 1];
   T bary[kMaxFeatureDim + 2];
@@ -39,7 +43,7 @@ WSSS_HOST_DEVICE void lattice_embed_point(const T* f, int d, const T* scale, int
   // Nearest remainder-0 point: each coordinate to the nearest multiple of d+1, halves down.
   int32_t sum = 0;
   for (int c = 0; c <= d; ++c) {
-    const T q = elevated[c] / T(d1);
+    const T q = elevated[c] * inv_d1;
     const T lo = floor(q), hi = ceil(q);
     const T r = (hi * T(d1) - elevated[c] < elevated[c] - lo * T(d1)) ? hi : lo;
     rem0[c] = static_cast<int32_t>(r) * d1;
@@ -67,7 +71,7 @@ WSSS_HOST_DEVICE void lattice_embed_point(const T* f, int d, const T* scale, int
   }
   for (int k = 0; k <= d + 1; ++k) bary[k] = 0;
   for (int c = 0; c <= d; ++c) {
-    const T v = (elevated[c] - T(rem0[c])) / T(d1);  // rem0 after the wrap
+    const T v = (elevated[c] - T(rem0[c])) * inv_d1;  // rem0 after the wrap
     bary[d - rank[c]] += v;
     bary[d - rank[c] + 1] -= v;
   }

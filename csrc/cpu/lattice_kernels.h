@@ -38,7 +38,16 @@ template <typename T>
 WSSS_ALWAYS_INLINE void embed_range(const T* features, int d, const T* scale, int32_t* rem0, int32_t* rank, T* bary,
                                     int64_t i0, int64_t i1) {
   const int d1 = d + 1;
-  for (int64_t i = i0; i < i1; ++i) lattice_embed_point(features + i * d, d, scale, rem0 + i * d1, rank + i * d1, bary + i * d1);
+  if (d == 2) {
+    for (int64_t i = i0; i < i1; ++i)
+      lattice_embed_point<T, 2>(features + i * 2, 2, scale, rem0 + i * 3, rank + i * 3, bary + i * 3);
+  } else if (d == 5) {
+    for (int64_t i = i0; i < i1; ++i)
+      lattice_embed_point<T, 5>(features + i * 5, 5, scale, rem0 + i * 6, rank + i * 6, bary + i * 6);
+  } else {
+    for (int64_t i = i0; i < i1; ++i)
+      lattice_embed_point(features + i * d, d, scale, rem0 + i * d1, rank + i * d1, bary + i * d1);
+  }
 }
 
 // Splat, scatter form: out[v_ik] += b_ik * in_scale[i] * in[i] for points [i0, i1), in point
