@@ -1,6 +1,7 @@
 """CAM/LAM aggregation, CAM → label conversion and PAR refinement (SPEC §3 steps 1–3, §4)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -27,14 +28,17 @@ def _scaled_size(size, scale: float, multiple: int):
 
 @torch.no_grad()
 def multi_scale_maps(fn: Callable, images: torch.Tensor, scales: Sequence[float], multiple: int,
-                     out_size=None, relu: bool = True, eps: float = 1e-5):
+                     out_size=None, relu: bool = True, eps: float = 1e-5, flip_merge: str = "max"):
     """Aggregate the maps ``fn(x)`` returns (a tensor or a tuple) over scales and flips.
 
     Each scale resizes the images (bilinear) to a multiple of the patch size, runs ``fn`` on
     the images and their flips in one batch, upsamples to ``out_size`` (default: the input
-    size), merges the flipped half by element-wise max, applies ReLU, sums over scales and
-    normalises each map (SPEC §3 step 1).
+    size), merges the flipped half by element-wise max (MoRe, SPEC §3 step 1) or by a sum
+    (``flip_merge="sum"``, MCTformer/AReAM, SPEC §5), applies ReLU, sums over scales and
+    normalises each map.
     """
+    if flip_merge not in ("max", "sum"):
+        raise ValueError(f"flip_merge must be 'max' or 'sum', got {flip_merge!r}")
     if not scales:
         raise ValueError("scales must not be empty")
     H, W = images.shape[-2:]
@@ -49,7 +53,7 @@ def multi_scale_maps(fn: Callable, images: torch.Tensor, scales: Sequence[float]
         merged = []
         for m in out:
             m = F.interpolate(m.float(), size=out_size, mode="bilinear", align_corners=False)
-            m = torch.maximum(m[:B], m[B:].flip(-1))
+            m = torch.maximum(m[:B], m[B:].flip(-1)) if flip_merge == "max" else m[:B] + m[B:].flip(-1)
             merged.append(F.relu(m) if relu else m)
         acc = merged if acc is None else [a + m for a, m in zip(acc, merged)]
     acc = [normalize_maps(a, eps) for a in acc]
@@ -133,3 +137,106 @@ def refine_cams_with_bkg(images: torch.Tensor, cams: torch.Tensor, cls_labels: t
         lab[(l_high == 0) & (l_low == 0)] = 0
         labels[b] = lab
     return labels
+
+
+# ---- AReAM (SPEC §5) -------------------------------------------------------------------------
+
+def _layer_weights_tensor(weights, L: int, device) -> torch.Tensor:
+    if weights is None:
+        return torch.ones(L, device=device)
+    w = torch.as_tensor(weights, dtype=torch.float32, device=device).flatten()
+    if w.numel() != L:
+        raise ValueError(f"layer weights must hold {L} values, got {w.numel()}")
+    return w
+
+
+def normalize_entropy(entropy: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation of per-layer entropies to [0, 1] (SPEC §5):
+    ``(e − min) / max(e − min)``; all-equal entropies give zeros instead of 0/0."""
+    e = entropy.float() - entropy.float().min()
+    return e / e.max().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def layer_entropy_bits(cam: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cls_label: torch.Tensor,
+                       scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
+    """Entropy in bits of each layer's CAM re-activation (SPEC §5, paper eqs. 7–8), (L,B).
+
+    ``cam`` (B,C,h,w) ≥ 0 at token resolution, ``q``/``k`` (L,B,Hd,C+N,dh) with the C class
+    tokens first. Per layer: the CAMs of the present classes, normalised per map, are
+    re-activated by that layer's head-mean patch-to-patch attention, summed over classes and
+    soft-maxed over the N positions; the entropy of that distribution is returned.
+    """
+    from wsss.kernels import propagate_cam_qk
+
+    _check_maps("cam", cam, cls_label)
+    B, C = cam.shape[:2]
+    masked = normalize_maps(cam.float()) * cls_label[:, :, None, None].float()
+    out = []
+    for layer in range(q.shape[0]):
+        refined = propagate_cam_qk(masked, q[layer:layer + 1], k[layer:layer + 1], C, scale=scale, impl=impl)
+        logp = torch.log_softmax(refined.sum(dim=1).flatten(1).double(), dim=1)  # (B,N)
+        out.append(-(logp.exp() * logp).sum(dim=1) / math.log(2.0))
+    return torch.stack(out).float()
+
+
+@torch.no_grad()
+def class_attention_gate(q: torch.Tensor, k: torch.Tensor, num_class_tokens: int, grid,
+                         scale: Optional[float] = None) -> torch.Tensor:
+    """MCTformer's class-to-patch attention (B,C,h,w): mean over layers and heads of
+    ``softmax(q_cls kᵀ · scale)`` restricted to the patch columns; only C×T logits per layer."""
+    L, B, Hd, T, dh = q.shape
+    C = num_class_tokens
+    scale = dh ** -0.5 if scale is None else scale
+    gate = 0
+    for layer in range(L):
+        logits = (q[layer, :, :, :C].float() @ k[layer].float().transpose(-1, -2)) * scale  # (B,Hd,C,T)
+        gate = gate + logits.softmax(dim=-1).mean(dim=1)[..., C:]
+    return (gate / L).reshape(B, C, *grid)
+
+
+def _reactivate(gated: torch.Tensor, q, k, layers, weights, scale, impl) -> torch.Tensor:
+    from wsss.kernels import propagate_cam_qk
+
+    return propagate_cam_qk(gated, q[layers], k[layers], gated.shape[1], layer_weights=weights, scale=scale,
+                            impl=impl)
+
+
+@torch.no_grad()
+def aream_refined_cam(cam: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layer_index: int, refine_weights=None,
+                      scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
+    """AReAM's affinity-refined CAM at token resolution (SPEC §5, public code), (B,C,h,w).
+
+    ``cam`` (B,C,h,w) ≥ 0; ``q``/``k`` (L,B,Hd,C+N,dh) of every layer. The CAM is gated by the
+    class attention of all layers, then re-activated by the mean over the first ``layer_index``
+    layers of ``w_l · mean_h softmax(A_l)`` (patch block), ``w_l = 1 − entropy_l`` normalised
+    (``refine_weights``, ones when None)."""
+    L = q.shape[0]
+    if not 1 <= layer_index <= L:
+        raise ValueError(f"layer_index={layer_index} must be in [1, {L}]")
+    gated = cam.float() * class_attention_gate(q, k, cam.shape[1], cam.shape[-2:], scale)
+    w = _layer_weights_tensor(refine_weights, L, q.device)[:layer_index]
+    return _reactivate(gated, q, k, slice(0, layer_index), w, scale, impl)
+
+
+def multi_scale_aream_cam(model, images: torch.Tensor, scales=(1.0,), layer_index: int = 7, refine_weights=None,
+                          out_size=None, impl: str = "auto", single_layers: bool = False):
+    """AReAM CAMs (B,C,H,W) in [0,1] aggregated over scales and flips (flip halves summed, ε 1e-6).
+
+    ``single_layers`` also returns, per layer l, the gated CAM re-activated by layer l's
+    affinity alone (the paper's layer-wise analysis): ``(refined, [layer_0, …, layer_{L−1}])``."""
+
+    def fn(x):
+        cam, q, k = model.cam_and_qk(x)
+        if not single_layers:
+            return aream_refined_cam(cam, q, k, layer_index, refine_weights, model.attn_scale, impl)
+        gated = cam * class_attention_gate(q, k, cam.shape[1], cam.shape[-2:], model.attn_scale)
+        w = _layer_weights_tensor(refine_weights, q.shape[0], q.device)[:layer_index]
+        refined = _reactivate(gated, q, k, slice(0, layer_index), w, model.attn_scale, impl)
+        return (refined,) + tuple(_reactivate(gated, q, k, slice(i, i + 1), None, model.attn_scale, impl)
+                                  for i in range(q.shape[0]))
+
+    maps = multi_scale_maps(fn, images, scales, model.patch_size, out_size, eps=1e-6, flip_merge="sum")
+    if not single_layers:
+        return maps
+    return maps[0], list(maps[1:])

@@ -59,7 +59,9 @@ class OptimConfig:
     eps: float = 1e-8
     warmup: float = 0.075  # fraction of max_iters with linear warm-up (1 500 / 20 000)
     warmup_ratio: float = 1e-6
-    power: float = 0.9
+    power: float = 0.9  # poly schedule exponent
+    schedule: str = "poly"  # poly (MoRe) | cosine (AReAM/MCTformer)
+    min_lr_ratio: float = 0.0  # cosine: the lr decays to min_lr_ratio x base lr
 
 
 @dataclass
@@ -100,6 +102,21 @@ class LossConfig:
 
 
 @dataclass
+class AReAMConfig:
+    """AReAM (SPEC §5); used when ``model.method=aream``."""
+
+    layer_index: int = 7  # refinement uses layers [0, layer_index), the affinity loss [layer_index, depth)
+    score_l: float = 0.35  # constant background score of the low stack (alpha_1)
+    score_h: float = 0.55  # ... of the high stack (alpha_2)
+    aff_start: float = 1 / 6  # fraction of max_iters trained on classification only (10 of 60 epochs)
+    w_aff: float = 0.1  # weight of the affinity loss: cls + w_aff * aff
+    entropy: str = "offline"  # offline (entropy_file) | online (running estimate) | none (equal weights)
+    entropy_file: str = ""  # written by python -m wsss.tools.layer_entropy
+    entropy_momentum: float = 0.9  # online: weight of the old estimate in the running mean
+    scales: List[float] = field(default_factory=lambda: [1.0])  # pseudo-label pass in training (+ flip)
+
+
+@dataclass
 class CamConfig:
     scales: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.75, 1.5])
     bkg_thre: float = 0.5
@@ -120,6 +137,7 @@ class EvalConfig:
     crf: bool = False
     crf_workers: int = 0  # 0 = all cores
     panels: int = 4  # PNG panels written per evaluation
+    layerwise: bool = False  # AReAM: pseudo-label mIoU of each single layer's affinity (table + plot)
 
 
 @dataclass
@@ -131,18 +149,22 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    aream: AReAMConfig = field(default_factory=AReAMConfig)
     run_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "off"  # off | bf16 | fp16
     impl: str = "auto"  # kernels: auto | reference | triton
+    compile: bool = False  # torch.compile the backbone (GPU; slow to warm up on a CPU)
     resume: str = ""  # checkpoint to resume from
 
 
 _CHOICES = {
     "data.dataset": ("voc", "coco"),
     "data.aug": ("more", "toco"),
-    "model.method": ("more", "baseline"),
+    "model.method": ("more", "baseline", "aream"),
+    "aream.entropy": ("offline", "online", "none"),
+    "optim.schedule": ("poly", "cosine"),
     "amp": ("off", "bf16", "fp16"),
     "impl": ("auto", "reference", "triton"),
 }

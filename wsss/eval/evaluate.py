@@ -150,6 +150,8 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
         raise ValueError(f"checkpoint has {C} classes but the data set at {cfg.data.root} has {train_seg.num_classes}")
     K = C + 1
     class_names = list(val_seg.class_names)
+    if cfg.model.method == "aream":
+        return _evaluate_aream(cfg, model, train_seg, device, K, class_names, out_dir, ckpt_path)
     t0 = time.time()
     mats, refined, bg_train = evaluate_pseudo_labels(model, train_seg, cfg, device, K)
     log.info("pseudo labels evaluated in %.1fs", time.time() - t0)
@@ -172,11 +174,34 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
     if seg_crf is not None:
         key = "segmentation + CRF (val)"
         rows[key], baselines[key], notes[key] = seg_crf, bg_val, "dense CRF, SPEC §4 parameters"
-    table = results_table(rows, baselines, notes)
     header = (f"Evaluation of `{ckpt_path}` on `{cfg.data.root}` ({len(val_seg)} val images, "
               f"{min(len(train_seg), cfg.eval.train_images or len(train_seg))} train images)")
-    markdown = format_markdown(table, rows, class_names, header)
+    return _write_results(rows, baselines, notes, class_names, header, out_dir)
+
+
+def _write_results(rows, baselines, notes, class_names, header: str, out_dir: Path, extra: str = "") -> Dict:
+    table = results_table(rows, baselines, notes)
+    markdown = format_markdown(table, rows, class_names, header) + extra
     (out_dir / "results.md").write_text(markdown)
     write_csv(table, rows, class_names, out_dir / "results.csv")
     (out_dir / "results.json").write_text(json.dumps(table, indent=2))
     return {"table": table, "markdown": markdown, "out_dir": str(out_dir)}
+
+
+def _evaluate_aream(cfg: Config, model, train_seg, device, K: int, class_names, out_dir: Path, ckpt_path) -> Dict:
+    from .aream import evaluate_aream_pseudo_labels, write_layerwise
+
+    t0 = time.time()
+    rows, notes, background, layerwise = evaluate_aream_pseudo_labels(
+        model, train_seg, cfg, device, K, cfg.eval.train_images, _par(cfg), out_dir / "panels")
+    get_logger().info("AReAM pseudo labels evaluated in %.1fs", time.time() - t0)
+    extra = ""
+    if layerwise is not None:
+        extra = ("\nLayer-wise analysis: pseudo-label mIoU (best background threshold) of the CAM re-activated by "
+                 "each single layer's affinity, and by the entropy-weighted aggregate (`layerwise.png`)\n\n"
+                 + write_layerwise(layerwise, out_dir))
+    n = min(len(train_seg), cfg.eval.train_images or len(train_seg))
+    header = f"Evaluation of `{ckpt_path}` (AReAM, entropy {cfg.aream.entropy}) on `{cfg.data.root}` ({n} train images)"
+    result = _write_results(rows, {k: background for k in rows}, notes, class_names, header, out_dir, extra)
+    result["layerwise"] = layerwise
+    return result

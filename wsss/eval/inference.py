@@ -6,7 +6,8 @@ from typing import Dict, Sequence
 import torch
 import torch.nn.functional as F
 
-from wsss.cam import _scaled_size, cam_to_label, multi_scale_cam, multi_scale_lam
+from wsss.cam import (_scaled_size, cam_to_label, multi_scale_aream_cam, multi_scale_cam, multi_scale_lam,
+                      multi_scale_maps)
 
 from .metrics import ConfusionMatrix
 
@@ -44,6 +45,8 @@ def quick_validate(model, val_ds, cfg, device, max_images: int = 0) -> Dict[str,
     """Periodic validation (SPEC §4): images resized to the crop size by the dataset,
     predictions resized to the label; CAM (multi-scale, bkg 0.5), LAM (with GCR), Seg mIoU."""
     K = val_ds.num_classes + 1
+    if cfg.model.method == "aream":
+        return _quick_validate_aream(model, val_ds, cfg, device, max_images)
     mats = {"cam": ConfusionMatrix(K), "seg": ConfusionMatrix(K)}
     with_lam = getattr(model, "graph_layer", None) is not None
     if with_lam:
@@ -60,6 +63,26 @@ def quick_validate(model, val_ds, cfg, device, max_images: int = 0) -> Dict[str,
             mats["lam"].update(cam_to_label(lam, y, bkg_thre=cfg.cam.bkg_thre)[1], gt)
         probs = predict_segmentation(model, image, scales=(1.0,), flip=False, out_size=size)
         mats["seg"].update(probs.argmax(dim=1), gt)
+    return {k: m.miou() for k, m in mats.items()}
+
+
+def _quick_validate_aream(model, val_ds, cfg, device, max_images: int) -> Dict[str, float]:
+    """AReAM has no segmentation head: CAM and affinity-refined CAM at bkg ``cam.bkg_thre``."""
+    K = val_ds.num_classes + 1
+    mats = {"cam": ConfusionMatrix(K), "aream_cam": ConfusionMatrix(K)}
+    refine_w, _ = model.layer_weights(cfg.aream.entropy) if int(model.entropy_updates) or \
+        cfg.aream.entropy == "none" else (None, None)
+    for item in _loader_items(val_ds, max_images):
+        image = item["image"][None].to(device)
+        gt = item["label"]
+        y = item["cls_label"][None].to(device)
+        size = tuple(gt.shape[-2:])
+        cam = multi_scale_maps(model.cams, image, tuple(cfg.aream.scales), model.patch_size, size, eps=1e-6,
+                               flip_merge="sum")
+        refined = multi_scale_aream_cam(model, image, tuple(cfg.aream.scales), cfg.aream.layer_index, refine_w,
+                                        out_size=size, impl=cfg.impl)
+        mats["cam"].update(cam_to_label(cam, y, bkg_thre=cfg.cam.bkg_thre)[1], gt)
+        mats["aream_cam"].update(cam_to_label(refined, y, bkg_thre=cfg.cam.bkg_thre)[1], gt)
     return {k: m.miou() for k, m in mats.items()}
 
 

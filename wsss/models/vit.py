@@ -9,7 +9,7 @@ pre-softmax attention logits the caller asks for.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, Iterable, Optional
 
@@ -46,13 +46,16 @@ class BackboneOutput:
     aux_patches: torch.Tensor  # (B,N,D) un-normalised patch tokens after block `aux_layer`
     attn_logits: Dict[int, torch.Tensor]  # layer -> (B,Hd,T,T) q·kᵀ without the 1/√dh scale
     grid: tuple  # (h, w)
+    qk: Dict[int, tuple] = field(default_factory=dict)  # layer -> (q, k), each (B,Hd,T,dh)
 
 
-def block_with_logits(block: Block, x: torch.Tensor):
-    """Run a timm ``Block`` and also return its attention logits ``q·kᵀ`` (unscaled).
+def _block_attention(block: Block, x: torch.Tensor, want_logits: bool):
+    """Run a timm ``Block``, also returning its attention's ``q``, ``k`` (B,Hd,T,dh) and, with
+    ``want_logits``, its logits ``q·kᵀ`` (B,Hd,T,T, without the 1/√dh scale).
 
-    Same arithmetic as ``Block.forward`` with explicit attention, so the output equals the
-    fused path up to float rounding.
+    Same arithmetic as ``Block.forward``, so the output equals the fused path up to float
+    rounding. Without ``want_logits`` the attention itself runs through SDPA and no T×T tensor
+    is kept.
     """
     attn = block.attn
     B, T, _ = x.shape
@@ -60,12 +63,23 @@ def block_with_logits(block: Block, x: torch.Tensor):
     qkv = attn.qkv(y).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = q @ k.transpose(-2, -1)
-    probs = attn.attn_drop((logits * attn.scale).softmax(dim=-1))
-    o = (probs @ v).transpose(1, 2).reshape(B, T, -1)
-    o = attn.proj_drop(attn.proj(attn.norm(o)))
+    logits = None
+    if want_logits:
+        logits = q @ k.transpose(-2, -1)
+        o = attn.attn_drop((logits * attn.scale).softmax(dim=-1)) @ v
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0,
+                                           scale=attn.scale)
+    o = o.transpose(1, 2).reshape(B, T, -1)
+    o = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(o)))
     x = x + block.drop_path1(block.ls1(o))
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, q, k, logits
+
+
+def block_with_logits(block: Block, x: torch.Tensor):
+    """Run a timm ``Block`` and also return its attention logits ``q·kᵀ`` (unscaled)."""
+    x, _, _, logits = _block_attention(block, x, want_logits=True)
     return x, logits
 
 
@@ -120,7 +134,10 @@ class MultiTokenViT(nn.Module):
                              align_corners=False)
         return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
-    def forward(self, x: torch.Tensor, aux_layer: int = -3, attn_layers: Iterable[int] = ()) -> BackboneOutput:
+    def forward(self, x: torch.Tensor, aux_layer: int = -3, attn_layers: Iterable[int] = (),
+                qk_layers: Iterable[int] = ()) -> BackboneOutput:
+        """``attn_layers``: layers whose (B,Hd,T,T) logits are returned; ``qk_layers``: layers
+        whose queries and keys are returned instead (their attention stays fused, no T×T)."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be (B,3,H,W), got {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -131,20 +148,25 @@ class MultiTokenViT(nn.Module):
         depth = self.depth
         aux_idx = aux_layer % depth
         want = {i % depth for i in attn_layers}
+        want_qk = {i % depth for i in qk_layers}
         patches = self.patch_embed(x) + self.patch_pos_embed(h, w)
         tokens = self.cls_token.expand(x.shape[0], -1, -1) + self.pos_embed[:, :self.num_tokens]
         x = torch.cat([tokens, patches], dim=1)
-        logits, aux = {}, None
+        logits, qk, aux = {}, {}, None
         for i, blk in enumerate(self.blocks):
-            if i in want:
-                x, logits[i] = block_with_logits(blk, x)
+            if i in want or i in want_qk:
+                x, q, k, lg = _block_attention(blk, x, want_logits=i in want)
+                if i in want:
+                    logits[i] = lg
+                if i in want_qk:
+                    qk[i] = (q, k)
             else:
                 x = blk(x)
             if i == aux_idx:
                 aux = x[:, self.num_tokens:]
         x = self.norm(x)
         return BackboneOutput(tokens=x[:, :self.num_tokens], patches=x[:, self.num_tokens:],
-                              aux_patches=aux, attn_logits=logits, grid=(h, w))
+                              aux_patches=aux, attn_logits=logits, grid=(h, w), qk=qk)
 
 
 def tokens_to_map(tokens: torch.Tensor, grid) -> torch.Tensor:
@@ -229,8 +251,9 @@ def load_pretrained_vit(model, path, init_reg_pos: bool = True) -> None:
     token_pos = cls_pos.expand(1, T0, D).clone()
     if init_reg_pos and vit.num_reg_tokens:
         trunc_normal_(token_pos[:, :vit.num_reg_tokens])
-    new_sd = {k: v for k, v in sd.items()
-              if k.startswith(("patch_embed.", "blocks.", "norm."))}
+    # a backbone without a final norm (AReAM's, nn.Identity) takes none from the checkpoint
+    keep = ("patch_embed.", "blocks.", "norm.") if list(vit.norm.parameters()) else ("patch_embed.", "blocks.")
+    new_sd = {k: v for k, v in sd.items() if k.startswith(keep)}
     new_sd["cls_token"] = sd["cls_token"][:, :1].expand(1, T0, D).clone()
     new_sd["pos_embed"] = torch.cat([token_pos, patch_pos], dim=1)
     missing, unexpected = vit.load_state_dict(new_sd, strict=False)

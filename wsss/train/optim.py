@@ -1,4 +1,7 @@
-"""AdamW with MoRe's five parameter groups and the poly schedule with linear warm-up (SPEC §3.7)."""
+"""AdamW with the model's parameter groups and the poly (MoRe, SPEC §3.7) or cosine
+(AReAM/MCTformer, SPEC §5) schedule with linear warm-up."""
+import math
+
 import torch
 
 
@@ -7,6 +10,15 @@ def poly_warmup_factor(step: int, max_iters: int, warmup_iters: int, warmup_rati
     if step < warmup_iters:
         return 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
     return max(0.0, 1.0 - step / max_iters) ** power
+
+
+def cosine_warmup_factor(step: int, max_iters: int, warmup_iters: int, warmup_ratio: float,
+                         min_ratio: float) -> float:
+    """Linear warm-up as :func:`poly_warmup_factor`, then a cosine from 1 to ``min_ratio``."""
+    if step < warmup_iters:
+        return 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+    t = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def build_optimizer(model, optim_cfg, max_iters: int):
@@ -19,6 +31,11 @@ def build_optimizer(model, optim_cfg, max_iters: int):
     opt = torch.optim.AdamW(param_groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                             weight_decay=optim_cfg.weight_decay)
     warmup_iters = int(round(optim_cfg.warmup * max_iters))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: poly_warmup_factor(t, max_iters, warmup_iters, optim_cfg.warmup_ratio, optim_cfg.power))
+    if optim_cfg.schedule == "cosine":
+        factor = lambda t: cosine_warmup_factor(t, max_iters, warmup_iters, optim_cfg.warmup_ratio,  # noqa: E731
+                                                optim_cfg.min_lr_ratio)
+    else:
+        factor = lambda t: poly_warmup_factor(t, max_iters, warmup_iters, optim_cfg.warmup_ratio,  # noqa: E731
+                                              optim_cfg.power)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return opt, sched
