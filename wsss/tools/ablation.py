@@ -1,14 +1,18 @@
-"""MoRe ablation on one config: full, GCR off, LIR off, both off.
+"""Ablations on one config: MoRe (full, GCR off, LIR off, both off) or AReAM (no affinity
+loss, affinity loss without entropy weights, full), chosen by ``model.method``.
 
     python -m wsss.tools.ablation --cfg configs/demo.yaml [key=value ...]
+    python -m wsss.tools.ablation --cfg configs/demo_aream.yaml [key=value ...]
 
 Trains and evaluates each variant into ``<run_dir>/ablation/<variant>``, then writes
-``<run_dir>/ablation/results.md`` (the measured table) and PNG panels
-``image | CAM | LAM without GCR/LIR | LAM`` that show what the two modules change.
+``<run_dir>/ablation/results.md`` (the measured table). MoRe adds PNG panels
+``image | CAM | LAM without GCR/LIR | LAM`` that show what the two modules change; AReAM adds
+``layerwise.png``, the per-layer pseudo-label mIoU with and without AReAM.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -22,32 +26,56 @@ VARIANTS = {
 }
 ROWS = ("LAM pseudo labels (train)", "LAM + PAR pseudo labels (train)", "CAM pseudo labels (train)",
         "segmentation (val)")
+AREAM_VARIANTS = {
+    "no affinity loss, no entropy weights": ["aream.w_aff=0", "aream.entropy=none", "eval.layerwise=true"],
+    "affinity loss, no entropy weights": ["aream.entropy=none", "eval.layerwise=false"],
+    "AReAM (affinity loss + entropy weights)": ["eval.layerwise=true"],
+}
+AREAM_ROWS = ("CAM pseudo labels (train)", "AReAM CAM pseudo labels (train)", "AReAM CAM + PAR pseudo labels (train)")
 
 
 def _slug(name: str) -> str:
-    return name.replace(",", "").replace(" ", "_").lower()
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run_ablation(cfg_path, overrides, variants=tuple(VARIANTS)):
+def run_ablation(cfg_path, overrides, variants=None):
     from wsss.config import load_config
     from wsss.eval.evaluate import evaluate
     from wsss.train.loop import train
 
     base = load_config(cfg_path, overrides)
-    if base.model.method != "more":
-        raise ValueError(f"the ablation needs model.method=more, the config has {base.model.method!r}")
+    if base.model.method not in ("more", "aream"):
+        raise ValueError(f"the ablation needs model.method=more or aream, the config has {base.model.method!r}")
+    aream = base.model.method == "aream"
+    table_of, rows = (AREAM_VARIANTS, AREAM_ROWS) if aream else (VARIANTS, ROWS)
+    variants = tuple(variants or table_of)
     out = Path(base.run_dir) / "ablation"
-    results, ckpts = {}, {}
+    results, ckpts, curves = {}, {}, {}
     for name in variants:
-        cfg = load_config(cfg_path, list(overrides) + VARIANTS[name] + [f"run_dir={out / _slug(name)}"])
+        if name not in table_of:
+            raise ValueError(f"unknown variant {name!r}; valid: {', '.join(table_of)}")
+        cfg = load_config(cfg_path, list(overrides) + table_of[name] + [f"run_dir={out / _slug(name)}"])
         ckpts[name] = (cfg, train(cfg))
-        results[name] = {r["result"]: r["miou"] for r in evaluate(cfg, ckpts[name][1])["table"]}
+        result = evaluate(cfg, ckpts[name][1])
+        results[name] = {r["result"]: r["miou"] for r in result["table"]}
+        if result.get("layerwise"):
+            curves[name] = result["layerwise"]
     lines = [f"Ablation of `{cfg_path}` {' '.join(overrides)} (mIoU, %)", "",
-             "| variant | " + " | ".join(ROWS) + " |", "|---|" + "---|" * len(ROWS)]
+             "| variant | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for name, res in results.items():
-        cells = [f"{100 * res[r]:.1f}" if r in res else "—" for r in ROWS]
+        cells = [f"{100 * res[r]:.1f}" if r in res else "—" for r in rows]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
+    if curves:
+        from wsss.eval.aream import plot_layerwise
+
+        plot_layerwise(curves, out / "layerwise.png")
+        names = list(curves)
+        layers = [n for n, _ in curves[names[0]]]
+        table += ("\nLayer-wise pseudo-label mIoU (%) of the CAM re-activated by one layer's affinity "
+                  "(`layerwise.png`)\n\n| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
+        for i, layer in enumerate(layers):
+            table += f"| {layer} | " + " | ".join(f"{100 * curves[n][i][1]:.1f}" for n in names) + " |\n"
     (out / "results.md").write_text(table)
     if "full" in ckpts and "no GCR, no LIR" in ckpts:
         write_panels(ckpts["full"], ckpts["no GCR, no LIR"], out / "panels")

@@ -150,6 +150,11 @@ def train(cfg: Config) -> Path:
         rngs = ckpt["rng"]  # one per rank of the saving run; a new world size reuses rank 0's
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         log.info("resumed from %s at step %d", cfg.resume, step)
+    if cfg.compile:  # in place (nn.Module.compile): state-dict keys and checkpoints stay unchanged
+        model.backbone.compile()
+    loss_fn = build_loss_fn(cfg, device)
+    if hasattr(loss_fn, "prepare"):
+        loss_fn.prepare(model, cfg)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -161,16 +166,17 @@ def train(cfg: Config) -> Path:
                         persistent_workers=False)
     batches = _batches(loader, sampler, train_ds, step, cfg.train.batch_size, world)
     schedule = Schedule.from_config(cfg)
-    loss_fn = build_loss_fn(cfg, device)
     loss_rng = getattr(loss_fn, "generator", None)
     if cfg.resume and loss_rng is not None and ckpt.get("loss_rng") is not None:
         loss_rng.set_state(ckpt["loss_rng"])
     amp_ctx = autocast(device, cfg.amp)
     writer = MetricsWriter(run_dir, enabled=rank == 0)
     ckpt_path = run_dir / "checkpoint.pt"
-    log.info("training %s on %s: %d images, %d classes, %d iterations, batch %d x %d process(es); "
-             "seg/reg losses from iteration %d", cfg.model.method, device, len(train_ds), num_classes,
-             cfg.train.max_iters, cfg.train.batch_size, world, schedule.seg_start)
+    phase = (f"affinity loss from iteration {schedule.aff_start}" if cfg.model.method == "aream"
+             else f"seg/reg losses from iteration {schedule.seg_start}")
+    log.info("training %s on %s: %d images, %d classes, %d iterations, batch %d x %d process(es); %s",
+             cfg.model.method, device, len(train_ds), num_classes, cfg.train.max_iters, cfg.train.batch_size,
+             world, phase)
 
     def save(at_step: int) -> None:
         rngs = [None] * world
