@@ -198,3 +198,15 @@ def test_config_errors(tmp_path):
     (tmp_path / "short.json").write_text(json.dumps({"entropy_bits": [1.0, 2.0]}))
     with pytest.raises(ValueError, match="expected 3"):
         model.load_layer_entropy(tmp_path / "short.json")
+
+
+def test_pretrained_deit_loads_without_final_norm(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5)
+    path = tmp_path / "deit.pth"
+    torch.save(vit.state_dict(), path)
+    model = AReAM(3, backbone="custom", embed_dim=24, depth=2, num_heads=2, patch_size=8, img_size=32,
+                  pretrained=str(path))
+    torch.testing.assert_close(model.backbone.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
+    torch.testing.assert_close(model.backbone.cls_token, vit.cls_token.expand(1, 3, 24))

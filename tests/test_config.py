@@ -54,3 +54,14 @@ def test_shipped_configs_validate(name):
 
     path = pathlib.Path(__file__).parent.parent / "configs" / name
     assert isinstance(load_config(path), Config)
+
+
+def test_yaml11_boolean_words_on_the_command_line():
+    from wsss.config import load_config
+
+    cfg = load_config(None, ["amp=off", "model.gcr=off", "eval.crf=yes"])
+    assert cfg.amp == "off" and cfg.model.gcr is False and cfg.eval.crf is True
+    with pytest.raises(ConfigError, match="quote it"):
+        from wsss.config import config_from_dict
+
+        config_from_dict({"amp": False})

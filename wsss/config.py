@@ -200,10 +200,15 @@ def _coerce(value: Any, tp, where: str):
             raise ConfigError(f"{where}: expected an int, got {value!r}")
         return value
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:
+            return _YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r} (YAML reads an unquoted on/off/yes/no "
+                              "as a boolean: quote it)")
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -242,6 +247,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# YAML 1.1 spellings of booleans besides true/false: a command-line override keeps them as text
+# (`amp=off`) and a bool field accepts them.
+_YAML11_BOOLS = {"on": True, "off": False, "yes": True, "no": False, "y": True, "n": False}
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
@@ -249,6 +259,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
+    if raw.strip().lower() in _YAML11_BOOLS:
+        return key, raw.strip()
     value = yaml.safe_load(raw) if raw.strip() else ""
     return key, value
 

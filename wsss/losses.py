@@ -5,6 +5,7 @@ no class present): it is then zero and still connected to its inputs' graph.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,6 +28,19 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _autocast_off(loss):
+    """Run ``loss`` with autocast disabled on its first tensor's device: after ``_at_least_fp32``
+    its matmuls and reductions then stay fp32 also when a caller computes it inside autocast
+    (autocast would otherwise run ``t @ F`` in bf16/fp16)."""
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            return loss(*args, **kwargs)
+    return wrapper
+
+
+@_autocast_off
 def classification_loss(logits: torch.Tensor, cls_label: torch.Tensor) -> torch.Tensor:
     """Multi-label soft margin loss on (B,C) logits against (B,C) 0/1 image labels."""
     if logits.shape != cls_label.shape:
@@ -34,6 +48,7 @@ def classification_loss(logits: torch.Tensor, cls_label: torch.Tensor) -> torch.
     return F.multilabel_soft_margin_loss(_at_least_fp32(logits), cls_label.to(_at_least_fp32(logits).dtype))
 
 
+@_autocast_off
 def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
     """Background/foreground-balanced cross-entropy (SPEC §3.6 L_seg).
 
@@ -54,6 +69,7 @@ def seg_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255)
     return 0.5 * (bg_loss + fg_loss)
 
 
+@_autocast_off
 def token_regularization_loss(class_tokens: torch.Tensor, temp: float = 0.07) -> torch.Tensor:
     """Class-token contrast (SPEC §3.6 L_tok): each L2-normalised class token must be closest
     to itself among the image's class tokens; CE over ``t tᵀ / temp``, mean over B·C."""
@@ -80,6 +96,7 @@ def _check_token_inputs(class_tokens, patch_features, label, cls_label):
     _check_label("label", label, C + 1, 255)
 
 
+@_autocast_off
 def cle_loss(class_tokens: torch.Tensor, patch_features: torch.Tensor, label: torch.Tensor,
              cls_label: torch.Tensor, temp: float = 0.5) -> torch.Tensor:
     """Confident localisation loss (MoRe "CRELoss", SPEC §3.6 L_cle).
@@ -158,6 +175,7 @@ def une_select(label: torch.Tensor, generator: torch.Generator = None, ignore_in
     return chosen
 
 
+@_autocast_off
 def une_loss(class_tokens: torch.Tensor, patch_features: torch.Tensor, label: torch.Tensor,
              cls_label: torch.Tensor, temp: float = 0.5, generator: torch.Generator = None) -> torch.Tensor:
     """Uncertain-region loss (MoRe "URELoss", SPEC §3.6 L_une), vectorised and seedable.

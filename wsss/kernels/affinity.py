@@ -62,9 +62,10 @@ def _pair_loss_reference(sim: torch.Tensor, labels: torch.Tensor, ignore_index: 
 def masked_cosine_affinity_loss_reference(features: torch.Tensor, labels: torch.Tensor,
                                           ignore_index: int = 255) -> torch.Tensor:
     """ptc loss (SPEC §3.2) with the (B,N,N) cosine and label matrices materialised."""
-    f = F.normalize(features.to(compute_dtype(features)).flatten(2), dim=1, eps=COS_EPS)  # (B,D,N)
-    cos = (f.transpose(1, 2) @ f).abs()
-    return _pair_loss_reference(cos, labels, ignore_index, True, MODE_COSINE)
+    with torch.autocast(device_type=features.device.type, enabled=False):  # fp32 cosines also under AMP
+        f = F.normalize(features.to(compute_dtype(features)).flatten(2), dim=1, eps=COS_EPS)  # (B,D,N)
+        cos = (f.transpose(1, 2) @ f).abs()
+        return _pair_loss_reference(cos, labels, ignore_index, True, MODE_COSINE)
 
 
 def masked_sigmoid_affinity_loss_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
@@ -78,7 +79,8 @@ def head_mean_logits(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = 
     """mean_h (scale · q_h k_hᵀ) (B,N,N) from q, k (B,Hd,N,dh); ``scale`` defaults to 1/√dh."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = compute_dtype(q)
-    return (q.to(ct) @ k.to(ct).transpose(-1, -2)).mean(dim=1) * scale
+    with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 logits also under AMP
+        return (q.to(ct) @ k.to(ct).transpose(-1, -2)).mean(dim=1) * scale
 
 
 def masked_sigmoid_affinity_loss_qk_reference(q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor,
