@@ -7,7 +7,7 @@ EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/
 DEMO_DATA ?= data/synthetic
 DEMO_RUN ?= runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-aream test bench clean
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: install
 	$(PY) -m wsss.data.synthetic --out $(DEMO_DATA)
 	$(PY) -m wsss.train --cfg configs/demo.yaml data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
 	$(PY) -m wsss.eval --cfg configs/demo.yaml --ckpt $(DEMO_RUN)/checkpoint.pt data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
+
+# AReAM on the same data: three trainings (no affinity loss / no entropy weights / full AReAM),
+# their pseudo-label table and the layer-wise plot in runs/demo_aream/ablation/.
+demo-aream: install
+	$(PY) -m wsss.data.synthetic --out $(DEMO_DATA)
+	$(PY) -m wsss.tools.ablation --cfg configs/demo_aream.yaml data.root=$(DEMO_DATA) run_dir=runs/demo_aream
 
 test: install
 	$(PY) -m pytest -q tests
