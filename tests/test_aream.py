@@ -173,7 +173,7 @@ def test_training_offline_entropy_and_evaluation(data_root, tmp_path):
     torch.testing.assert_close(state["layer_entropy"], torch.tensor(record["entropy_bits"]))
     result = evaluate(cfg, ckpt)
     names = [r["result"] for r in result["table"]]
-    assert names == ["CAM pseudo labels (train)", "AReAM CAM pseudo labels (train)",
+    assert names == ["CAM pseudo labels (train)", "gated CAM pseudo labels (train)", "AReAM CAM pseudo labels (train)",
                      "AReAM CAM + PAR pseudo labels (train)"]
     assert [n for n, _ in result["layerwise"]] == ["layer 0", "layer 1", "layer 2", "aggregated"]
     assert (tmp_path / "aream" / "eval" / "layerwise.png").stat().st_size > 1000
@@ -210,3 +210,24 @@ def test_pretrained_deit_loads_without_final_norm(tmp_path):
                   pretrained=str(path))
     torch.testing.assert_close(model.backbone.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
     torch.testing.assert_close(model.backbone.cls_token, vit.cls_token.expand(1, 3, 24))
+
+
+def test_ablation_three_rows_and_reuse(data_root, tmp_path, monkeypatch):
+    import yaml
+
+    from wsss.tools import ablation
+
+    cfg_file = tmp_path / "tiny_aream.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": {"method": "aream"}}))
+    overrides = AREAM + [f"data.root={data_root}", f"run_dir={tmp_path / 'run'}", "train.max_iters=2",
+                         "aream.entropy=online", "eval.train_images=1"]
+    table = ablation.run_ablation(str(cfg_file), overrides)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "pseudo labels" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows[:3]] == list(ablation.AREAM_VARIANTS)
+    assert (tmp_path / "run" / "ablation" / "layerwise.png").is_file()
+
+    def no_training(cfg):
+        raise AssertionError("--reuse must not train a finished variant again")
+
+    monkeypatch.setattr("wsss.train.loop.train", no_training)
+    assert ablation.run_ablation(str(cfg_file), overrides, reuse=True).splitlines()[4:7] == table.splitlines()[4:7]

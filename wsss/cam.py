@@ -220,23 +220,24 @@ def aream_refined_cam(cam: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layer
 
 
 def multi_scale_aream_cam(model, images: torch.Tensor, scales=(1.0,), layer_index: int = 7, refine_weights=None,
-                          out_size=None, impl: str = "auto", single_layers: bool = False):
+                          out_size=None, impl: str = "auto", extras: bool = False):
     """AReAM CAMs (B,C,H,W) in [0,1] aggregated over scales and flips (flip halves summed, ε 1e-6).
 
-    ``single_layers`` also returns, per layer l, the gated CAM re-activated by layer l's
-    affinity alone (the paper's layer-wise analysis): ``(refined, [layer_0, …, layer_{L−1}])``."""
+    With ``extras`` returns ``(refined, gated, [layer_0, …, layer_{L−1}])``: also the
+    class-attention-gated CAM before the re-activation (MCTformer's CAM) and, per layer l, the
+    gated CAM re-activated by layer l's affinity alone (the paper's layer-wise analysis)."""
 
     def fn(x):
         cam, q, k = model.cam_and_qk(x)
-        if not single_layers:
+        if not extras:
             return aream_refined_cam(cam, q, k, layer_index, refine_weights, model.attn_scale, impl)
         gated = cam * class_attention_gate(q, k, cam.shape[1], cam.shape[-2:], model.attn_scale)
         w = _layer_weights_tensor(refine_weights, q.shape[0], q.device)[:layer_index]
         refined = _reactivate(gated, q, k, slice(0, layer_index), w, model.attn_scale, impl)
-        return (refined,) + tuple(_reactivate(gated, q, k, slice(i, i + 1), None, model.attn_scale, impl)
-                                  for i in range(q.shape[0]))
+        return (refined, gated) + tuple(_reactivate(gated, q, k, slice(i, i + 1), None, model.attn_scale, impl)
+                                         for i in range(q.shape[0]))
 
     maps = multi_scale_maps(fn, images, scales, model.patch_size, out_size, eps=1e-6, flip_merge="sum")
-    if not single_layers:
+    if not extras:
         return maps
-    return maps[0], list(maps[1:])
+    return maps[0], maps[1], list(maps[2:])

@@ -1,7 +1,8 @@
 """Evaluation of an AReAM checkpoint (SPEC §5): pseudo-label quality on the train split.
 
-Rows: the patch-head CAM, the entropy-weighted affinity-refined CAM (each at the best
-background threshold of a sweep) and its PAR refinement with the two background scores. With
+Rows: the patch-head CAM, the CAM gated by the class attention (MCTformer's CAM), the
+entropy-weighted affinity-refined gated CAM (each at the best background threshold of a sweep)
+and its PAR refinement with the two background scores. With
 ``eval.layerwise`` also the paper's layer-wise analysis: the mIoU of the CAM re-activated by
 each single layer's affinity, beside the aggregated one, as a table and a PNG line plot.
 """
@@ -32,6 +33,7 @@ def evaluate_aream_pseudo_labels(model, dataset, cfg: Config, device, K: int, li
     scales = tuple(cfg.eval.cam_scales)
     refine_w, _ = model.layer_weights(a.entropy)
     cam_m = {t: ConfusionMatrix(K) for t in sweep}
+    gated_m = {t: ConfusionMatrix(K) for t in sweep}
     ref_m = {t: ConfusionMatrix(K) for t in sweep}
     par_m, background = ConfusionMatrix(K), ConfusionMatrix(K)
     layer_m = [{t: ConfusionMatrix(K) for t in sweep} for _ in range(model.depth)] if cfg.eval.layerwise else None
@@ -42,13 +44,12 @@ def evaluate_aream_pseudo_labels(model, dataset, cfg: Config, device, K: int, li
         gt, y = item["label"], item["cls_label"][None].to(device)
         cam = multi_scale_maps(model.cams, image, scales, model.patch_size, eps=1e-6, flip_merge="sum")
         cam_threshold_sweep(cam, y, gt, sweep, cam_m)
+        refined, gated, singles = multi_scale_aream_cam(model, image, scales, a.layer_index, refine_w, impl=cfg.impl,
+                                                        extras=True)
+        cam_threshold_sweep(gated, y, gt, sweep, gated_m)
         if layer_m is not None:
-            refined, singles = multi_scale_aream_cam(model, image, scales, a.layer_index, refine_w, impl=cfg.impl,
-                                                     single_layers=True)
             for mats, m in zip(layer_m, singles):
                 cam_threshold_sweep(m, y, gt, sweep, mats)
-        else:
-            refined = multi_scale_aream_cam(model, image, scales, a.layer_index, refine_w, impl=cfg.impl)
         cam_threshold_sweep(refined, y, gt, sweep, ref_m)
         lab = refine_cams_with_bkg(denormalize(image), refined * y[:, :, None, None], y, a.score_h, a.score_l,
                                    down_scale=cfg.cam.par_down_scale, par=par)
@@ -60,7 +61,8 @@ def evaluate_aream_pseudo_labels(model, dataset, cfg: Config, device, K: int, li
                      heatmap((refined * yy)[0].amax(0).cpu().numpy())]
             save_panel(panel_dir / f"{item['name']}.png", tiles, ["image", "CAM", "AReAM CAM"])
     rows, notes = {}, {}
-    for key, sweep_m in (("CAM pseudo labels (train)", cam_m), ("AReAM CAM pseudo labels (train)", ref_m)):
+    for key, sweep_m in (("CAM pseudo labels (train)", cam_m), ("gated CAM pseudo labels (train)", gated_m),
+                         ("AReAM CAM pseudo labels (train)", ref_m)):
         thr, rows[key] = best_threshold(sweep_m)
         notes[key] = f"best bkg threshold {thr:g}"
     key = "AReAM CAM + PAR pseudo labels (train)"

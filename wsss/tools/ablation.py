@@ -31,14 +31,25 @@ AREAM_VARIANTS = {
     "affinity loss, no entropy weights": ["aream.entropy=none", "eval.layerwise=false"],
     "AReAM (affinity loss + entropy weights)": ["eval.layerwise=true"],
 }
-AREAM_ROWS = ("CAM pseudo labels (train)", "AReAM CAM pseudo labels (train)", "AReAM CAM + PAR pseudo labels (train)")
+AREAM_ROWS = ("CAM pseudo labels (train)", "gated CAM pseudo labels (train)", "AReAM CAM pseudo labels (train)",
+              "AReAM CAM + PAR pseudo labels (train)")
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def run_ablation(cfg_path, overrides, variants=None):
+def _finished_checkpoint(cfg):
+    """The variant's checkpoint if a finished run of it is already there, else None."""
+    path = Path(cfg.run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    from wsss.utils.checkpoint import read_torch_file
+
+    return path if int(read_torch_file(path).get("step", -1)) == cfg.train.max_iters else None
+
+
+def run_ablation(cfg_path, overrides, variants=None, reuse: bool = False):
     from wsss.config import load_config
     from wsss.eval.evaluate import evaluate
     from wsss.train.loop import train
@@ -55,7 +66,8 @@ def run_ablation(cfg_path, overrides, variants=None):
         if name not in table_of:
             raise ValueError(f"unknown variant {name!r}; valid: {', '.join(table_of)}")
         cfg = load_config(cfg_path, list(overrides) + table_of[name] + [f"run_dir={out / _slug(name)}"])
-        ckpts[name] = (cfg, train(cfg))
+        ckpt = _finished_checkpoint(cfg) if reuse else None
+        ckpts[name] = (cfg, ckpt or train(cfg))
         result = evaluate(cfg, ckpts[name][1])
         results[name] = {r["result"]: r["miou"] for r in result["table"]}
         if result.get("layerwise"):
@@ -113,12 +125,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsss.tools.ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True)
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate a variant's finished checkpoint instead of training it again")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     from wsss.utils.logging import setup_logging
 
     setup_logging(None, "ablation")
-    print(run_ablation(args.cfg, args.overrides))
+    print(run_ablation(args.cfg, args.overrides, reuse=args.reuse))
     return 0
 
 
