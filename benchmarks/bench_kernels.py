@@ -176,6 +176,22 @@ def cases(args, device):
 
 
 # ---------------------------------------------------------------------------------------------- report
+def provenance(device, extra_versions: str = "") -> list:
+    """Machine, versions, command and date lines for a benchmark results file."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return [
+        f"- machine: {device_name(device)}; {platform.platform()}",
+        f"- versions: python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}"
+        + extra_versions,
+        f"- command: `{' '.join([Path(sys.executable).name] + sys.argv)}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+    ]
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -263,16 +279,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print("\n" + table)
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    notes = [
-        f"- machine: {device_name(device)}; {platform.platform()}",
-        f"- versions: python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}",
-        f"- command: `{' '.join([Path(sys.executable).name] + sys.argv)}`",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+    notes = provenance(device) + [
         f"- dtype of logits / q / k / features: {args.dtype}; PAR on fp32 images; {warmup} warm-up and "
         f"{reps} timed runs per row, median reported",
         f"- peak bandwidth: {f'{peak:.0f} GB/s (data sheet)' if peak else 'n/a'}; measured copy bandwidth "

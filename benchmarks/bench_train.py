@@ -27,10 +27,8 @@ machine, versions, command and date to ``benchmarks/results/train-<device>.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,10 +42,10 @@ if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and sys
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_kernels import PeakMemory, _rss_kb, _sync, device_name, slug  # noqa: E402
+from bench_kernels import PeakMemory, _rss_kb, _sync, provenance, slug  # noqa: E402
 from wsss.config import load_config  # noqa: E402
 from wsss.models import build_model  # noqa: E402
-from wsss.train.optim import build_optimizer  # noqa: E402
+from wsss.train.optim import build_optimizer, optimizer_step  # noqa: E402
 from wsss.train.steps import Schedule, build_loss_fn  # noqa: E402
 from wsss.utils.device import autocast, seed_everything  # noqa: E402
 
@@ -131,15 +129,7 @@ def build_step(args, method: str, impl: str, device):
     def step():
         losses = loss_fn(model, batch, step_index, cfg, schedule, amp_ctx)
         names[:] = sorted(losses)
-        total = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if cfg.train.grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        optimizer_step(sum(losses.values()), model, opt, scaler, sched, cfg.train.grad_clip)
 
     return step, cfg, names
 
@@ -253,20 +243,9 @@ def main(argv=None):
     table = "\n".join(lines)
     print("\n" + table)
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     import timm
 
-    notes = [
-        f"- machine: {device_name(device)}; {platform.platform()}",
-        f"- versions: python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}, "
-        f"timm {timm.__version__}",
-        f"- command: `{' '.join([Path(sys.executable).name] + sys.argv)}`",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-    ]
+    notes = provenance(device, f", timm {timm.__version__}")
     if load:
         notes.append("- load average at start (1/5/15 min): " + " / ".join(f"{x:.2f}" for x in load))
     notes += [
@@ -290,7 +269,7 @@ def main(argv=None):
     ]
     if any(not r["at_voc"] for r in rows):
         notes.append("- **(reduced): not the VOC setting** (MoRe: ViT-B/16, 448x448, batch 4; AReAM: DeiT-S/16, "
-                     f"224x224, batch 64)" + (f"; overrides {' '.join(args.override)}" if args.override else ""))
+                     "224x224, batch 64)" + (f"; overrides {' '.join(args.override)}" if args.override else ""))
     if not cuda:
         notes.append("- **CPU**: `impl=auto` resolves to the PyTorch references here, so `auto` and `reference` "
                      "differ only in SDPA vs eager attention")

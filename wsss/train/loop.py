@@ -22,7 +22,7 @@ from wsss.utils.device import autocast, resolve_device, seed_everything
 from wsss.utils.logging import setup_logging
 
 from wsss.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .optim import build_optimizer
+from .optim import build_optimizer, optimizer_step
 from .steps import Schedule, build_loss_fn
 
 
@@ -210,14 +210,7 @@ def train(cfg: Config) -> Path:
             bad = {k: float(v.detach()) for k, v in losses.items()}
             raise FloatingPointError(f"non-finite loss at step {step}: {bad}; training stopped, the last "
                                      f"good checkpoint ({ckpt_path}) is kept")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if cfg.train.grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        optimizer_step(total, model, opt, scaler, sched, cfg.train.grad_clip)
         step += 1
         bar.update(1)
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_iters:

@@ -39,3 +39,15 @@ def build_optimizer(model, optim_cfg, max_iters: int):
                                               optim_cfg.power)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return opt, sched
+
+
+def optimizer_step(total, model, opt, scaler, sched, grad_clip: float = 0.0) -> None:
+    """Backward of ``total`` and one AdamW + schedule step (GradScaler-aware, optional clipping)."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
