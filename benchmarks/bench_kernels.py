@@ -176,6 +176,16 @@ def cases(args, device):
 
 
 # ---------------------------------------------------------------------------------------------- report
+def write_results(out, name: str, title: str, device, notes: list, table: str) -> Path:
+    """Writes ``# title — device``, the notes and the table to ``out`` (default
+    ``benchmarks/results/<name>-<device>.md``) and says where."""
+    out = Path(out) if out else Path(__file__).resolve().parent / "results" / f"{name}-{slug(device)}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {title} — {slug(device)}\n\n" + "\n".join(notes) + "\n\n" + table + "\n")
+    print(f"\nwrote {out}")
+    return out
+
+
 def provenance(device, extra_versions: str = "") -> list:
     """Machine, versions, command and date lines for a benchmark results file."""
     try:
@@ -294,10 +304,7 @@ def main(argv=None):
                      "interpreter, which checks correctness and is not timed); speed-up is n/a")
     if args.quick:
         notes.append("- `--quick`: reduced sizes (PAR 112x112, token grid 14x14, 4 aggregation layers) and repeats")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"kernels-{slug(device)}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# wsss.kernels benchmark — {slug(device)}\n\n" + "\n".join(notes) + "\n\n" + table + "\n")
-    print(f"\nwrote {out}")
+    write_results(args.out, "kernels", "wsss.kernels benchmark", device, notes, table)
 
 
 if __name__ == "__main__":

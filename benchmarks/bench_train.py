@@ -42,7 +42,7 @@ if __name__ == "__main__" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and sys
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench_kernels import PeakMemory, _rss_kb, _sync, provenance, slug  # noqa: E402
+from bench_kernels import PeakMemory, _rss_kb, _sync, provenance, write_results  # noqa: E402
 from wsss.config import load_config  # noqa: E402
 from wsss.models import build_model  # noqa: E402
 from wsss.train.optim import build_optimizer, optimizer_step  # noqa: E402
@@ -278,10 +278,7 @@ def main(argv=None):
                      "through wsss's own block with SDPA in both rows; on a CPU its two rows run the same code")
     for line in skipped:
         notes.append(f"- skipped {line}")
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"train-{slug(device)}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Training-step benchmark — {slug(device)}\n\n" + "\n".join(notes) + "\n\n" + table + "\n")
-    print(f"\nwrote {out}")
+    write_results(args.out, "train", "Training-step benchmark", device, notes, table)
 
 
 if __name__ == "__main__":

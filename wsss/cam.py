@@ -170,7 +170,7 @@ def layer_entropy_bits(cam: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cls_
     from wsss.kernels import propagate_cam_qk
 
     _check_maps("cam", cam, cls_label)
-    B, C = cam.shape[:2]
+    C = cam.shape[1]
     masked = normalize_maps(cam.float()) * cls_label[:, :, None, None].float()
     out = []
     for layer in range(q.shape[0]):
@@ -202,6 +202,17 @@ def _reactivate(gated: torch.Tensor, q, k, layers, weights, scale, impl) -> torc
                             impl=impl)
 
 
+def _gate_and_reactivate(cam, q, k, layer_index: int, refine_weights, scale, impl):
+    """(re-activated gated CAM, gated CAM): SPEC §5's class-attention gate, then the mean over
+    the first ``layer_index`` layers of the weighted head-mean patch affinities."""
+    L = q.shape[0]
+    if not 1 <= layer_index <= L:
+        raise ValueError(f"layer_index={layer_index} must be in [1, {L}]")
+    gated = cam.float() * class_attention_gate(q, k, cam.shape[1], cam.shape[-2:], scale)
+    w = _layer_weights_tensor(refine_weights, L, q.device)[:layer_index]
+    return _reactivate(gated, q, k, slice(0, layer_index), w, scale, impl), gated
+
+
 @torch.no_grad()
 def aream_refined_cam(cam: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layer_index: int, refine_weights=None,
                       scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
@@ -211,12 +222,7 @@ def aream_refined_cam(cam: torch.Tensor, q: torch.Tensor, k: torch.Tensor, layer
     class attention of all layers, then re-activated by the mean over the first ``layer_index``
     layers of ``w_l · mean_h softmax(A_l)`` (patch block), ``w_l = 1 − entropy_l`` normalised
     (``refine_weights``, ones when None)."""
-    L = q.shape[0]
-    if not 1 <= layer_index <= L:
-        raise ValueError(f"layer_index={layer_index} must be in [1, {L}]")
-    gated = cam.float() * class_attention_gate(q, k, cam.shape[1], cam.shape[-2:], scale)
-    w = _layer_weights_tensor(refine_weights, L, q.device)[:layer_index]
-    return _reactivate(gated, q, k, slice(0, layer_index), w, scale, impl)
+    return _gate_and_reactivate(cam, q, k, layer_index, refine_weights, scale, impl)[0]
 
 
 def multi_scale_aream_cam(model, images: torch.Tensor, scales=(1.0,), layer_index: int = 7, refine_weights=None,
@@ -231,9 +237,7 @@ def multi_scale_aream_cam(model, images: torch.Tensor, scales=(1.0,), layer_inde
         cam, q, k = model.cam_and_qk(x)
         if not extras:
             return aream_refined_cam(cam, q, k, layer_index, refine_weights, model.attn_scale, impl)
-        gated = cam * class_attention_gate(q, k, cam.shape[1], cam.shape[-2:], model.attn_scale)
-        w = _layer_weights_tensor(refine_weights, q.shape[0], q.device)[:layer_index]
-        refined = _reactivate(gated, q, k, slice(0, layer_index), w, model.attn_scale, impl)
+        refined, gated = _gate_and_reactivate(cam, q, k, layer_index, refine_weights, model.attn_scale, impl)
         return (refined, gated) + tuple(_reactivate(gated, q, k, slice(i, i + 1), None, model.attn_scale, impl)
                                          for i in range(q.shape[0]))
 

@@ -10,11 +10,10 @@ are computed without a T×T attention matrix (``wsss.kernels``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional
-
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
