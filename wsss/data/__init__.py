@@ -24,13 +24,17 @@ __all__ = [
 
 
 def build_datasets(dataset: str, root, train_split: str, val_split: str, crop_size: int, cls_labels=None,
-                   aug: str = "more", seed: int = 0, eval_resize: Optional[int] = None) -> Tuple:
+                   aug: str = "more", seed: int = 0, eval_resize: Optional[int] = None,
+                   train_masks: bool = True) -> Tuple:
     """(train classification set, train split as a segmentation set for pseudo-label evaluation,
-    val segmentation set). ``eval_resize`` resizes the images of both segmentation sets."""
+    val segmentation set). ``eval_resize`` resizes the images of both segmentation sets.
+
+    With ``train_masks=False`` the second element is None and no train mask is read or checked:
+    training needs none (COCO's 82k train masks are only for evaluating pseudo labels)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(sorted(DATASETS))}")
     cls_ds, seg_ds = DATASETS[dataset]
     train = cls_ds(root, train_split, crop_size=crop_size, cls_labels=cls_labels, aug=aug, seed=seed)
-    train_seg = seg_ds(root, train_split, cls_labels=cls_labels, resize=eval_resize)
+    train_seg = seg_ds(root, train_split, cls_labels=cls_labels, resize=eval_resize) if train_masks else None
     val = seg_ds(root, val_split, cls_labels=cls_labels, resize=eval_resize)
     return train, train_seg, val

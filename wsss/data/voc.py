@@ -147,6 +147,7 @@ class VOCStyleDataset(Dataset):
         self.names = read_split(self.split_file)
         self.cls_labels_path = self._resolve_cls_labels(cls_labels, require_cls_labels)
         self.cls_labels = load_cls_labels(self.cls_labels_path) if self.cls_labels_path else {}
+        self._add_cls_label_aliases()
         if self.cls_labels:
             self._num_classes = len(next(iter(self.cls_labels.values())))
         else:
@@ -165,6 +166,16 @@ class VOCStyleDataset(Dataset):
 
     def label_path(self, name: str) -> Path:
         return self.root / self.label_dir / f"{name}.png"
+
+    def cls_label_aliases(self, name: str) -> Sequence[str]:
+        """Other keys under which the image-level label of ``name`` may be stored (none for VOC)."""
+        return ()
+
+    def _check_images_exist(self) -> None:
+        _check_files_exist([str(self.image_path(n)) for n in self.names], "image", self.split_file)
+
+    def _check_labels_exist(self) -> None:
+        _check_files_exist([str(self.label_path(n)) for n in self.names], "segmentation label", self.split_file)
 
     # -- classes --------------------------------------------------------------------------
     @property
@@ -211,6 +222,15 @@ class VOCStyleDataset(Dataset):
             raise DatasetError(f"no image-level label file in {self.root} (looked for {', '.join(CLS_LABEL_FILES)})")
         return None
 
+    def _add_cls_label_aliases(self) -> None:
+        if not self.cls_labels:
+            return
+        for name in self.names:
+            if name not in self.cls_labels:
+                alias = next((a for a in self.cls_label_aliases(name) if a in self.cls_labels), None)
+                if alias is not None:
+                    self.cls_labels[name] = self.cls_labels[alias]
+
     def _check_cls_label_entries(self) -> None:
         missing = [n for n in self.names if n not in self.cls_labels]
         if missing:
@@ -239,7 +259,7 @@ class ClassificationDataset(VOCStyleDataset):
         self.seed = int(seed)
         self.epoch = 0
         self._check_cls_label_entries()
-        _check_files_exist([str(self.image_path(n)) for n in self.names], "image", self.split_file)
+        self._check_images_exist()
 
     def set_epoch(self, epoch: int) -> None:
         if int(epoch) < 0:
@@ -270,8 +290,8 @@ class SegmentationDataset(VOCStyleDataset):
         if resize is not None and (not isinstance(resize, (int, np.integer)) or resize < 1):
             raise ValueError(f"resize must be None or a positive int, got {resize!r}")
         self.resize = int(resize) if resize else None
-        _check_files_exist([str(self.image_path(n)) for n in self.names], "image", self.split_file)
-        _check_files_exist([str(self.label_path(n)) for n in self.names], "segmentation label", self.split_file)
+        self._check_images_exist()
+        self._check_labels_exist()
 
     def __getitem__(self, index: int) -> Dict:
         name = self.names[index]

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from wsss.cam import (_scaled_size, cam_to_label, multi_scale_aream_cam, multi_scale_cam, multi_scale_lam,
                       multi_scale_maps)
 
+from wsss.utils.distributed import all_reduce_confusion, shard
+
 from .metrics import ConfusionMatrix
 
 
@@ -35,15 +37,20 @@ def predict_segmentation(model, images: torch.Tensor, scales: Sequence[float] = 
 
 
 def _loader_items(dataset, max_images: int):
+    """This rank's shard of the first ``max_images`` items (all when 0)."""
     n = len(dataset) if not max_images else min(max_images, len(dataset))
-    for i in range(n):
+    for i in shard(n):
         yield dataset[i]
 
 
 @torch.no_grad()
 def quick_validate(model, val_ds, cfg, device, max_images: int = 0) -> Dict[str, float]:
     """Periodic validation (SPEC §4): images resized to the crop size by the dataset,
-    predictions resized to the label; CAM (multi-scale, bkg 0.5), LAM (with GCR), Seg mIoU."""
+    predictions resized to the label; CAM (multi-scale, bkg 0.5), LAM (with GCR), Seg mIoU.
+
+    Under torch.distributed every rank validates its strided shard and the confusion matrices
+    are summed, so all ranks return the same scores as one process would (SPEC §4); every rank
+    must call it."""
     K = val_ds.num_classes + 1
     if cfg.model.method == "aream":
         return _quick_validate_aream(model, val_ds, cfg, device, max_images)
@@ -63,6 +70,7 @@ def quick_validate(model, val_ds, cfg, device, max_images: int = 0) -> Dict[str,
             mats["lam"].update(cam_to_label(lam, y, bkg_thre=cfg.cam.bkg_thre)[1], gt)
         probs = predict_segmentation(model, image, scales=(1.0,), flip=False, out_size=size)
         mats["seg"].update(probs.argmax(dim=1), gt)
+    all_reduce_confusion(mats.values())
     return {k: m.miou() for k, m in mats.items()}
 
 
@@ -83,6 +91,7 @@ def _quick_validate_aream(model, val_ds, cfg, device, max_images: int) -> Dict[s
                                         out_size=size, impl=cfg.impl)
         mats["cam"].update(cam_to_label(cam, y, bkg_thre=cfg.cam.bkg_thre)[1], gt)
         mats["aream_cam"].update(cam_to_label(refined, y, bkg_thre=cfg.cam.bkg_thre)[1], gt)
+    all_reduce_confusion(mats.values())
     return {k: m.miou() for k, m in mats.items()}
 
 

@@ -10,20 +10,35 @@ class GraphCategoryRepresentation(nn.Module):
     """Enhances class tokens with a top-k neighbour graph over class and (detached) patch tokens.
 
     Parameter names follow the official module so its ``graph_layer.*`` checkpoint entries
-    load directly (``_fc1`` is unused there too and kept only for that).
+    load directly. The official module also holds ``_fc1`` (Linear + LeakyReLU) that its forward
+    never calls. It is not a parameter here: a parameter that can never receive a gradient stops
+    DDP at the second iteration (and AdamW would decay it for nothing). Official state dicts
+    that contain ``_fc1.*`` still load: the entries are dropped on load, and
+    :meth:`official_extra_state` writes them back (zeros) for the official code's strict load.
     """
+
+    UNUSED_OFFICIAL_KEYS = ("_fc1.0.weight", "_fc1.0.bias")
 
     def __init__(self, dim: int, topk_ratio: float = 0.5, dropout: float = 0.0):
         super().__init__()
         self.dim = dim
         self.topk_ratio = topk_ratio
-        self._fc1 = nn.Sequential(nn.Linear(dim, dim), nn.LeakyReLU())
         self.head_proj = nn.Linear(dim, dim)
         self.tail_proj = nn.Linear(dim, dim)
         self.linear1 = nn.Linear(dim, dim)
         self.linear2 = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in self.UNUSED_OFFICIAL_KEYS:  # the official, never-called ``_fc1`` (see class doc)
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def official_extra_state(self) -> dict:
+        """The official module's unused ``_fc1`` entries (zeros), keyed as in its state dict."""
+        D = self.dim
+        return {"_fc1.0.weight": torch.zeros(D, D), "_fc1.0.bias": torch.zeros(D)}
 
     def forward(self, class_tokens: torch.Tensor, patch_tokens: torch.Tensor) -> torch.Tensor:
         if class_tokens.dim() != 3 or patch_tokens.dim() != 3 or class_tokens.shape[-1] != patch_tokens.shape[-1]:

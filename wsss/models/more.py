@@ -144,16 +144,23 @@ class MoRe(nn.Module):
             ours["backbone." + k[len("encoder."):] if k.startswith("encoder.") else k] = v
         missing, unexpected = model.load_state_dict(ours, strict=False)
         if missing or unexpected:
-            raise ValueError(f"official state dict does not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+            def official(keys):  # name keys as the official file does
+                return [("encoder." + k[len("backbone."):] if k.startswith("backbone.") else k) for k in keys[:8]]
+
+            raise ValueError(f"official state dict does not fit: missing {official(missing)}, "
+                             f"unexpected {official(unexpected)}")
         return model
 
     def official_state_dict(self) -> dict:
         """The inverse of :meth:`from_official_state_dict`: keys as the official code saves them
-        (``encoder.head`` included as zeros so the official model loads it strictly)."""
+        (``encoder.head`` and GCR's unused ``_fc1`` included as zeros so the official model loads it
+        strictly)."""
         out = {}
         for k, v in self.state_dict().items():
             out["encoder." + k[len("backbone."):] if k.startswith("backbone.") else k] = v.detach().clone()
         T0, D = self.backbone.cls_token.shape[1:]
         out["encoder.head.weight"] = torch.zeros(T0, D)
         out["encoder.head.bias"] = torch.zeros(T0)
+        if self.graph_layer is not None:
+            out.update({f"graph_layer.{k}": v for k, v in self.graph_layer.official_extra_state().items()})
         return out

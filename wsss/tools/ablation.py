@@ -108,7 +108,7 @@ def write_panels(full, plain, panel_dir: Path, count: int = 4):
     model_full, _ = load_model(cfg, ckpt, device)
     model_plain, _ = load_model(plain[0], plain[1], device)
     _, _, val = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.val_split,
-                               cfg.data.crop_size, cls_labels=cfg.data.cls_labels or None)
+                               cfg.data.crop_size, cls_labels=cfg.data.cls_labels or None, train_masks=False)
     panel_dir.mkdir(parents=True, exist_ok=True)
     scales = tuple(cfg.eval.cam_scales)
     for i in range(min(count, len(val))):

@@ -15,8 +15,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         parser.error(str(e))
     from wsss.train.loop import train
+    from wsss.utils.preflight import PreflightError
 
-    train(cfg)
+    try:
+        train(cfg)
+    except PreflightError as e:  # one clear message, no traceback: nothing has run yet
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

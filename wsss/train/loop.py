@@ -16,12 +16,14 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from wsss.config import Config, config_to_dict, save_config
-from wsss.data import build_datasets
+from wsss.data import DatasetError, build_datasets
 from wsss.models import build_model
 from wsss.utils.device import autocast, resolve_device, seed_everything
 from wsss.utils.logging import setup_logging
 
 from wsss.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from wsss.utils.distributed import dist_env
+from wsss.utils.preflight import extension_problem, gpu_count_problem, missing_file, raise_if
 from .optim import build_optimizer, optimizer_step
 from .steps import Schedule, build_loss_fn
 
@@ -53,13 +55,6 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return self.length // self.world_size - self.start
-
-
-def _dist_env():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local_rank
 
 
 def _batches(loader: DataLoader, sampler: ResumableSampler, dataset, start_step: int, batch_size: int,
@@ -116,33 +111,99 @@ class MetricsWriter:
             self.tb.close()
 
 
+# Model keys that fix the architecture: a resume checkpoint must agree on them.
+_ARCH_KEYS = ("method", "backbone", "embed_dim", "depth", "num_heads", "patch_size", "img_size", "num_reg_tokens",
+              "aux_layer", "gcr", "decoder_dim")
+
+
+def _config_problems(cfg: Config, device, local_world: int) -> list:
+    """Problems of the resolved config that would otherwise surface mid-run (SPEC-free checks)."""
+    problems = gpu_count_problem(device.type, local_world)
+    method = cfg.model.method
+    if method == "more" and cfg.loss.w_reg > 0:
+        problems += extension_problem(f"loss.w_reg={cfg.loss.w_reg:g} (DenseCRF regularized loss)")
+    if cfg.eval.crf:
+        problems += extension_problem("eval.crf=true (dense CRF at the final evaluation)")
+    if cfg.model.pretrained:
+        problems += missing_file("model.pretrained", cfg.model.pretrained,
+                                 "a local ImageNet ViT/DeiT checkpoint; model.pretrained='' trains from scratch")
+    if method == "aream" and cfg.aream.entropy == "offline" and cfg.aream.w_aff > 0:
+        problems += missing_file("aream.entropy_file", cfg.aream.entropy_file,
+                                 "written by python -m wsss.tools.layer_entropy; or aream.entropy=online|none")
+    if cfg.resume:
+        problems += missing_file("resume", cfg.resume)
+    return problems
+
+
+def _resume_problems(cfg: Config, ckpt: dict, num_classes: int) -> list:
+    """A resume checkpoint must be a wsss checkpoint of the same architecture and class count."""
+    problems = []
+    saved = (ckpt.get("config") or {}).get("model", {})
+    for key in _ARCH_KEYS:
+        if key in saved and saved[key] != getattr(cfg.model, key):
+            problems.append(f"resume={cfg.resume}: checkpoint has model.{key}={saved[key]!r}, the config "
+                            f"model.{key}={getattr(cfg.model, key)!r}")
+    saved_c = int(ckpt.get("num_classes", num_classes))
+    if saved_c != num_classes:
+        problems.append(f"resume={cfg.resume}: checkpoint has {saved_c} classes, the data set at "
+                        f"data.root={cfg.data.root} has {num_classes}")
+    for key in ("optimizer", "scheduler", "scaler", "step", "rng"):
+        if key not in ckpt:
+            problems.append(f"resume={cfg.resume}: not a wsss training checkpoint (no {key!r} entry); "
+                            "to start from trained weights use model.pretrained or wsss.eval --ckpt")
+    return problems
+
+
 def train(cfg: Config) -> Path:
     """Train as ``cfg`` says; returns the path of the final checkpoint."""
-    world, rank, local_rank = _dist_env()
+    world, rank, local_rank, local_world = dist_env()
     device = resolve_device(cfg.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and device.type == "cuda":
+        raise_if("training", gpu_count_problem(device.type, local_world))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     run_dir = Path(cfg.run_dir)
     log = setup_logging(run_dir, "train", rank)
+
+    # Everything the run needs later is checked now, before a process group or a model exists.
+    problems = _config_problems(cfg, device, local_world)
+    try:
+        train_ds, _, val_ds = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
+                                             cfg.data.val_split, cfg.data.crop_size,
+                                             cls_labels=cfg.data.cls_labels or None, aug=cfg.data.aug,
+                                             seed=cfg.seed, eval_resize=cfg.data.eval_resize or cfg.data.crop_size,
+                                             train_masks=False)
+    except (DatasetError, ValueError) as e:
+        problems.append(f"data ({cfg.data.dataset} at data.root={cfg.data.root}): {e}")
+        train_ds = val_ds = None
+    if train_ds is not None and len(train_ds) < cfg.train.batch_size * world:
+        problems.append(f"data.train_split={cfg.data.train_split}: {len(train_ds)} images, fewer than one batch of "
+                        f"train.batch_size={cfg.train.batch_size} x {world} process(es)")
+    ckpt = None
+    if cfg.resume and not missing_file("resume", cfg.resume):
+        try:
+            ckpt = load_checkpoint(cfg.resume)
+        except ValueError as e:
+            problems.append(f"resume={cfg.resume}: {e}")
+        if ckpt is not None and train_ds is not None:
+            problems += _resume_problems(cfg, ckpt, train_ds.num_classes)
+    raise_if("training", problems)
+
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed + rank)
-
-    train_ds, _, val_ds = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.val_split,
-                                         cfg.data.crop_size, cls_labels=cfg.data.cls_labels or None,
-                                         aug=cfg.data.aug, seed=cfg.seed,
-                                         eval_resize=cfg.data.eval_resize or cfg.data.crop_size)
     num_classes = train_ds.num_classes
     model = build_model(cfg.model, num_classes).to(device)
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_iters)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     step = 0
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        if missing or unexpected:
+            raise ValueError(f"resume={cfg.resume}: the checkpoint's weights do not fit the model; missing "
+                             f"{missing[:8]}, unexpected {unexpected[:8]}")
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -223,16 +284,15 @@ def train(cfg: Config) -> Path:
                      " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items()),
                      (time.time() - t0) / max(1, step))
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_iters:
-            if rank == 0:
-                _periodic_eval(model, val_ds, cfg, device, writer, step, log)
+            # every rank validates its shard (no rank waits in a collective meanwhile)
+            _periodic_eval(model, val_ds, cfg, device, writer, step, log)
             model.train()
         if step % cfg.train.ckpt_interval == 0 or step == cfg.train.max_iters:
             save(step)
     bar.close()
     if world > 1:
         _check_replicas_in_sync(model)
-    if rank == 0:
-        _periodic_eval(model, val_ds, cfg, device, writer, step, log)
+    _periodic_eval(model, val_ds, cfg, device, writer, step, log)
     writer.close()
     if world > 1:
         dist.destroy_process_group()
