@@ -89,3 +89,21 @@ def test_command_line_reports_without_traceback(data_root, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "training cannot start" in proc.stderr and "model.pretrained='missing/weights.pth'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_reports_missing_checkpoint_extension_and_split(data_root, tmp_path, monkeypatch):
+    import wsss.crf._ext as ext
+    from wsss.eval.evaluate import evaluate
+
+    def no_extension(*a, **k):
+        raise ImportError("wsss._C is not built (simulated)")
+
+    monkeypatch.setattr(ext, "ops", no_extension)
+    cfg = load_config(None, TINY + [f"data.root={data_root}", f"run_dir={tmp_path}", "eval.crf=true",
+                                    "data.val_split=nosuchsplit"])
+    with pytest.raises(PreflightError) as info:
+        evaluate(cfg, tmp_path / "none.pt")
+    msg = str(info.value)
+    assert "evaluation cannot start" in msg and f"--ckpt='{tmp_path}/none.pt'" in msg
+    assert "eval.crf=true" in msg and "nosuchsplit.txt" in msg
+    assert not (tmp_path / "eval").exists()

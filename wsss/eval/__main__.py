@@ -8,7 +8,8 @@ from wsss.config import ConfigError, load_config
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsss.eval", description=__doc__)
     parser.add_argument("--cfg", required=True, help="YAML config file (the run's config.yaml works)")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by wsss.train")
+    parser.add_argument("--ckpt", required=True, help="checkpoint: written by wsss.train, or the official MoRe (VOC/COCO) or "
+                        "AReAM/MCTformer-V2 release")
     parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/eval)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.crf=true")
     args = parser.parse_args(argv)
@@ -19,8 +20,14 @@ def main(argv=None) -> int:
     from wsss.eval.evaluate import evaluate
     from wsss.utils.logging import setup_logging
 
+    from wsss.utils.preflight import PreflightError
+
     setup_logging(cfg.run_dir, "eval")
-    result = evaluate(cfg, args.ckpt, args.out)
+    try:
+        result = evaluate(cfg, args.ckpt, args.out)
+    except PreflightError as e:  # one clear message, no traceback: nothing has run yet
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(result["markdown"])
     print(f"written to {result['out_dir']}/results.md, results.csv and panels/")
     return 0

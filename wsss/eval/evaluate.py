@@ -20,9 +20,8 @@ from wsss.config import Config, save_config
 from wsss.data import build_datasets
 from wsss.data.transforms import denormalize
 from wsss.kernels import par_refine
-from wsss.models import build_model
-from wsss.utils.checkpoint import read_torch_file
 from wsss.utils.device import resolve_device
+from wsss.utils.preflight import extension_problem, missing_file, raise_if
 from wsss.utils.logging import get_logger
 
 from .inference import best_threshold, cam_threshold_sweep, predict_segmentation
@@ -30,35 +29,15 @@ from .metrics import ConfusionMatrix
 from .report import colorize, format_markdown, heatmap, results_table, save_panel, write_csv
 
 
-def _official_state_dict(obj):
-    """The state dict of a checkpoint saved by the official MoRe code, or None."""
-    sd = obj.get("model", obj) if isinstance(obj, dict) else None
-    if isinstance(sd, dict) and any(k.replace("module.", "", 1) == "encoder.cls_token" for k in sd):
-        return sd
-    return None
-
-
 def load_model(cfg: Config, ckpt_path, device):
-    """A wsss checkpoint, or one saved by the official MoRe code (recognised by its keys)."""
-    path = Path(ckpt_path)
-    raw = read_torch_file(path)
-    official = _official_state_dict(raw)
-    if official is not None:
-        from wsss.models import MoRe
+    """``(model in eval mode on device, num_classes)`` from a wsss checkpoint or one saved by the
+    official MoRe or AReAM / MCTformer-V2 code, recognised by its keys
+    (``wsss.models.checkpoints.load_trained_model``)."""
+    from wsss.models.checkpoints import FORMATS, load_trained_model
 
-        model = MoRe.from_official_state_dict(official, aux_layer=cfg.model.aux_layer,
-                                              num_heads=cfg.model.num_heads)
-        get_logger().info("loaded an official MoRe checkpoint from %s", path)
-        return model.to(device).eval(), model.num_classes
-    if not isinstance(raw, dict) or "model" not in raw:
-        raise ValueError(f"{path} is neither a wsss checkpoint nor an official MoRe one")
-    ckpt = raw
-    num_classes = int(ckpt.get("num_classes", 0)) or None
-    if num_classes is None:
-        raise ValueError(f"{ckpt_path}: checkpoint does not record num_classes")
-    model = build_model(cfg.model, num_classes)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), num_classes
+    model, num_classes, fmt = load_trained_model(ckpt_path, cfg.model, device)
+    get_logger().info("loaded %s from %s", FORMATS[fmt], ckpt_path)
+    return model.eval(), num_classes
 
 
 def _items(dataset, limit: int):
@@ -138,14 +117,22 @@ def evaluate_segmentation(model, dataset, cfg: Config, device, K: int, panel_dir
 def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
     log = get_logger()
     device = resolve_device(cfg.device)
+    # checked before the model is built or any image is read: every problem in one message
+    problems = missing_file("--ckpt", ckpt_path)
+    if cfg.eval.crf:
+        problems += extension_problem("eval.crf=true (dense CRF)")
+    try:
+        _, train_seg, val_seg = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
+                                               cfg.data.val_split, cfg.data.crop_size,
+                                               cls_labels=cfg.data.cls_labels or None, aug=cfg.data.aug,
+                                               seed=cfg.seed, eval_resize=None)
+    except ValueError as e:  # DatasetError and bad arguments
+        problems.append(f"data ({cfg.data.dataset} at data.root={cfg.data.root}): {e}")
+    raise_if("evaluation", problems)
     out_dir = Path(out_dir or Path(cfg.run_dir) / "eval")
     (out_dir / "panels").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     model, C = load_model(cfg, ckpt_path, device)
-    _, train_seg, val_seg = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
-                                           cfg.data.val_split, cfg.data.crop_size,
-                                           cls_labels=cfg.data.cls_labels or None, aug=cfg.data.aug,
-                                           seed=cfg.seed, eval_resize=None)
     if train_seg.num_classes != C:
         raise ValueError(f"checkpoint has {C} classes but the data set at {cfg.data.root} has {train_seg.num_classes}")
     K = C + 1

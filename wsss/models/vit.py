@@ -193,30 +193,19 @@ def build_backbone(name="vit_base_patch16_224", num_tokens=1, num_reg_tokens=0, 
 
 
 def _unwrap_state_dict(obj) -> dict:
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state"):
-            if key in obj and isinstance(obj[key], dict):
-                return _unwrap_state_dict(obj[key])
-        return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-    raise ValueError(f"checkpoint holds {type(obj).__name__}, not a state dict")
+    """The state dict inside a loaded checkpoint object (see ``wsss.models.checkpoints``)."""
+    from .checkpoints import unwrap_state_dict
+
+    return unwrap_state_dict(obj)[0]
 
 
 def read_checkpoint_file(path) -> dict:
-    """Load a local .pth/.pt/.bin or .safetensors file into a plain state dict."""
-    from pathlib import Path
+    """The state dict of an ImageNet ViT file (.pth/.pt/.bin or .safetensors) for
+    ``model.pretrained``; trained wsss/MoRe/AReAM files are refused with where they belong
+    (``wsss.models.checkpoints.read_pretrained_vit_state_dict``)."""
+    from .checkpoints import read_pretrained_vit_state_dict
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a corrupt or non-torch file
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
-    return _unwrap_state_dict(obj)
+    return read_pretrained_vit_state_dict(path)
 
 
 def load_pretrained_vit(model, path, init_reg_pos: bool = True) -> None:

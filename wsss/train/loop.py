@@ -18,6 +18,7 @@ from tqdm import tqdm
 from wsss.config import Config, config_to_dict, save_config
 from wsss.data import DatasetError, build_datasets
 from wsss.models import build_model
+from wsss.models.checkpoints import ARCH_KEYS
 from wsss.utils.device import autocast, resolve_device, seed_everything
 from wsss.utils.logging import setup_logging
 
@@ -111,11 +112,6 @@ class MetricsWriter:
             self.tb.close()
 
 
-# Model keys that fix the architecture: a resume checkpoint must agree on them.
-_ARCH_KEYS = ("method", "backbone", "embed_dim", "depth", "num_heads", "patch_size", "img_size", "num_reg_tokens",
-              "aux_layer", "gcr", "decoder_dim")
-
-
 def _config_problems(cfg: Config, device, local_world: int) -> list:
     """Problems of the resolved config that would otherwise surface mid-run (SPEC-free checks)."""
     problems = gpu_count_problem(device.type, local_world)
@@ -139,7 +135,7 @@ def _resume_problems(cfg: Config, ckpt: dict, num_classes: int) -> list:
     """A resume checkpoint must be a wsss checkpoint of the same architecture and class count."""
     problems = []
     saved = (ckpt.get("config") or {}).get("model", {})
-    for key in _ARCH_KEYS:
+    for key in ARCH_KEYS:
         if key in saved and saved[key] != getattr(cfg.model, key):
             problems.append(f"resume={cfg.resume}: checkpoint has model.{key}={saved[key]!r}, the config "
                             f"model.{key}={getattr(cfg.model, key)!r}")
