@@ -15,7 +15,8 @@ def _independent_miou(preds, gts, K, ignore=255):
             inter[k] += np.logical_and(p == k, g == k).sum()
             union[k] += np.logical_or(p == k, g == k).sum()
     iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
-    return np.nanmean(iou), iou
+    in_gt = np.array([any((g[g != ignore] == k).any() for g in gts) for k in range(K)])
+    return np.nan_to_num(iou)[in_gt].mean(), iou
 
 
 @pytest.mark.parametrize("K", [2, 5, 21])
@@ -55,3 +56,17 @@ def test_bad_labels_raise():
         mat.update(torch.zeros(2), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="differ in size"):
         mat.update(torch.zeros(3), torch.zeros(2))
+
+
+def test_miou_averages_over_ground_truth_classes_only():
+    """SPEC §4 (official ``scores``): a class only predicted is skipped, not counted as 0;
+    SPEC §5 (AReAM's ``do_python_eval``): all classes, absent ones 0."""
+    gt = torch.tensor([[0, 0, 1, 1]])
+    pred = torch.tensor([[0, 2, 1, 1]])  # class 2 predicted once, never in the ground truth
+    mat = ConfusionMatrix(4)
+    mat.update(pred, gt)
+    # IoU: bg 1/2, class 1 1.0, class 2 0/1 (predicted only), class 3 absent everywhere
+    assert mat.miou() == pytest.approx((0.5 + 1.0) / 2)
+    assert mat.miou(over="all") == pytest.approx((0.5 + 1.0 + 0 + 0) / 4)
+    with pytest.raises(ValueError, match="over must be"):
+        mat.miou(over="present")

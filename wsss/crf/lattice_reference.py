@@ -122,8 +122,8 @@ def crf_features_reference(image_hw3: np.ndarray, pos_xy_std: float, bi_xy_std: 
     return xy / pos_xy_std, np.concatenate([xy / bi_xy_std, rgb / bi_rgb_std], 1)
 
 
-def dense_crf_reference(image_hw3: np.ndarray, probs_khw: np.ndarray, num_iter: int = 10, pos_xy_std: float = 3,
-                        pos_w: float = 3, bi_xy_std: float = 80, bi_rgb_std: float = 13, bi_w: float = 10,
+def dense_crf_reference(image_hw3: np.ndarray, probs_khw: np.ndarray, num_iter: int = 10, pos_xy_std: float = 1,
+                        pos_w: float = 3, bi_xy_std: float = 67, bi_rgb_std: float = 3, bi_w: float = 4,
                         filter_fn=permutohedral_filter_reference) -> np.ndarray:
     """Mean-field inference of SPEC §6.3 in float64; returns Q (K,H,W)."""
     k, h, w = probs_khw.shape

@@ -10,9 +10,11 @@ import torch
 class ConfusionMatrix:
     """Accumulates a K×K confusion matrix (rows: ground truth, columns: prediction).
 
-    Pixels whose ground truth is ``ignore_index`` are skipped. IoU_k = TP / (TP + FP + FN),
-    mIoU is the mean over the K classes (classes absent from both GT and prediction count as
-    NaN and are left out of the mean, which matters only for tiny subsets).
+    Pixels whose ground truth is ``ignore_index`` are skipped. IoU_k = TP / (TP + FP + FN).
+    ``miou()`` averages over the classes that occur in the ground truth of the evaluated set
+    (MoRe/ToCo's ``scores``, SPEC §4): a class only predicted, never present, is left out, not
+    counted as 0. ``miou(over="all")`` averages over all K classes with an absent class at 0
+    (AReAM/MCTformer's ``do_python_eval``, SPEC §5).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
@@ -40,14 +42,22 @@ class ConfusionMatrix:
         self.matrix += other.matrix
 
     def iou(self) -> np.ndarray:
+        """Per-class IoU; NaN for a class absent from both ground truth and prediction."""
         tp = np.diag(self.matrix).astype(np.float64)
         denom = self.matrix.sum(0) + self.matrix.sum(1) - tp
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
 
-    def miou(self) -> float:
-        iou = self.iou()
-        return float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+    def miou(self, over: str = "gt") -> float:
+        """Mean IoU over the classes present in the ground truth (``over="gt"``) or over all
+        classes, absent ones counting 0 (``over="all"``)."""
+        iou = np.nan_to_num(self.iou(), nan=0.0)
+        if over == "all":
+            return float(iou.mean())
+        if over != "gt":
+            raise ValueError(f"over must be 'gt' or 'all', got {over!r}")
+        present = self.matrix.sum(1) > 0
+        return float(iou[present].mean()) if present.any() else 0.0
 
     def pixel_accuracy(self) -> float:
         total = self.matrix.sum()
