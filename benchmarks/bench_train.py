@@ -7,7 +7,7 @@
 The step is the real one: the method's VOC config (MoRe ``configs/voc.yaml``: ViT-B/16,
 448x448, batch 4; AReAM ``configs/voc_aream.yaml``: DeiT-S/16, 224x224, batch 64) through
 ``wsss.config.load_config``, the model of ``wsss.models.build_model``, the optimizer and
-schedule of ``wsss.train.optim``, the objective of ``wsss.train.steps.build_loss_fn``, then
+schedule of ``wsss.train.optim``, the method's objective (``wsss.methods``), then
 backward and the optimizer step as in ``wsss.train.loop``. It runs at iteration ``seg_start``
 (AReAM: ``aream.aff_start``), before ``cam2mask``, so every loss of the method is on (MoRe:
 cls, aux, tok, cle, une, ptc, seg, reg; AReAM: cls, patch, aff with the online layer entropies),
@@ -46,7 +46,7 @@ from bench_kernels import PeakMemory, _rss_kb, _sync, provenance, write_results 
 from wsss.config import load_config  # noqa: E402
 from wsss.models import build_model  # noqa: E402
 from wsss.train.optim import build_optimizer, optimizer_step  # noqa: E402
-from wsss.train.steps import Schedule, build_loss_fn  # noqa: E402
+from wsss.methods import Schedule, get_method  # noqa: E402
 from wsss.utils.device import autocast, seed_everything  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def build_step(args, method: str, impl: str, device):
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_iters)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     schedule = Schedule.from_config(cfg)
-    loss_fn = build_loss_fn(cfg, device)
+    loss_fn = get_method(cfg.model.method).objective(cfg, device)
     if hasattr(loss_fn, "prepare"):
         loss_fn.prepare(model, cfg)
     amp_ctx = autocast(device, cfg.amp)

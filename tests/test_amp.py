@@ -22,16 +22,18 @@ def data_root(tmp_path_factory):
 
 def test_bf16_more_training_with_all_losses(data_root, tmp_path, monkeypatch):
     import wsss.train.loop as loop
+    from wsss.methods import get_method
 
     initial = {}
-    real_build = loop.build_model
+    method = get_method("more")
+    real_build = method.build_model
 
     def recording_build(*args, **kwargs):
         model = real_build(*args, **kwargs)
         initial.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return model
 
-    monkeypatch.setattr(loop, "build_model", recording_build)
+    monkeypatch.setattr(method, "build_model", recording_build)
     run = tmp_path / "bf16"
     # seg_start=0: the PAR-refined segmentation and energy losses run from the first step
     cfg = load_config(None, TINY + [f"data.root={data_root}", f"run_dir={run}", "model.method=more",

@@ -89,7 +89,8 @@ def test_backbone_qk_matches_logits_and_fused_output():
 def test_affinity_loss_equals_the_formula(monkeypatch, tmp_path):
     """The training objective's ``aff`` term (from q, k) equals SPEC §5's formula evaluated on
     materialised head-mean logits, in value and in gradient."""
-    from wsss.train.steps import AReAMLosses, Schedule
+    from wsss.methods import Schedule
+    from wsss.methods.aream import AReAMLosses
 
     torch.manual_seed(0)
     cfg = load_config(None, AREAM + ["aream.entropy=none", "aream.w_aff=0.1", "data.root=unused"])
@@ -173,9 +174,11 @@ def test_training_offline_entropy_and_evaluation(data_root, tmp_path):
     torch.testing.assert_close(state["layer_entropy"], torch.tensor(record["entropy_bits"]))
     result = evaluate(cfg, ckpt)
     names = [r["result"] for r in result["table"]]
-    assert names == ["CAM pseudo labels (train)", "gated CAM pseudo labels (train)", "AReAM CAM pseudo labels (train)",
-                     "AReAM CAM + PAR pseudo labels (train)"]
-    assert [n for n, _ in result["layerwise"]] == ["layer 0", "layer 1", "layer 2", "aggregated"]
+    assert names[:5] == ["official: AReAM CAM pseudo labels (train)", "CAM pseudo labels (train)",
+                         "gated CAM pseudo labels (train)", "AReAM CAM pseudo labels (train)",
+                         "AReAM CAM + PAR pseudo labels (train)"]
+    assert [r["protocol"] for r in result["table"]][:2] == ["official", "analysis"]
+    assert sorted(n for n, _ in result["series"]["layerwise"]) == ["aggregated", "layer 0", "layer 1", "layer 2"]
     assert (tmp_path / "aream" / "eval" / "layerwise.png").stat().st_size > 1000
 
     online = load_config(None, base + [f"run_dir={tmp_path / 'online'}", "aream.entropy=online",
@@ -186,7 +189,9 @@ def test_training_offline_entropy_and_evaluation(data_root, tmp_path):
 
 
 def test_config_errors(tmp_path):
-    from wsss.train.steps import build_loss_fn
+    from wsss.methods import get_method
+
+    build_loss_fn = get_method("aream").objective
 
     with pytest.raises(ValueError, match="entropy_file"):
         build_loss_fn(load_config(None, AREAM + ["aream.entropy=offline"]), "cpu")

@@ -114,7 +114,8 @@ def test_sharded_validation_equals_one_process(tmp_path_factory, tmp_path, metho
     for rank in range(2):
         shard_scores = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert shard_scores == single, (rank, shard_scores, single)
-    assert set(single) == ({"cam", "aream_cam"} if method == "aream" else {"cam", "lam", "seg"})
+    assert set(single) == ({"cam", "aream_cam"} if method == "aream"
+                           else {"cam", "aux_cam", "score_map", "fused", "seg"})
 
 
 @pytest.mark.parametrize("method,extra", [

@@ -234,7 +234,7 @@ def test_official_state_dict_round_trip():
 
 def test_schedule_switches_at_configured_iterations():
     from wsss.config import load_config
-    from wsss.train.steps import Schedule
+    from wsss.methods import Schedule
 
     s = Schedule.from_config(load_config(None, ["train.max_iters=20000"]))
     assert (s.seg_start, s.cam2mask) == (2000, 10000)

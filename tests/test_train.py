@@ -46,7 +46,8 @@ def test_smoke_run_and_eval(data_root, tmp_path, method):
     assert sorted(losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     result = evaluate(cfg, ckpt)
     names = [r["result"] for r in result["table"]]
-    assert "segmentation (val)" in names and any("PAR" in n for n in names)
+    assert "E3 segmentation (val)" in names and "E1 CAM pseudo labels (train)" in names
+    assert ("E2 LAM segmentation, predicted labels (val)" in names) == (method == "more")
     assert all(0.0 <= r["miou"] <= 1.0 for r in result["table"])
     assert (run / "eval" / "results.md").is_file() and (run / "eval" / "results.csv").is_file()
     assert list((run / "eval" / "panels").glob("*.png"))
@@ -68,7 +69,7 @@ def test_resume_gives_the_same_next_steps(data_root, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path, monkeypatch):
-    import wsss.train.steps as steps
+    import wsss.methods.baseline as steps
     from wsss.train.loop import train
 
     run = tmp_path / "nan"

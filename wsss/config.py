@@ -35,7 +35,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    method: str = "more"  # more | baseline | aream
+    method: str = "more"  # a name of wsss.methods.METHODS: more | baseline | aream
     backbone: str = "vit_base_patch16_224"  # named shape; the fields below override it if > 0
     embed_dim: int = 0
     depth: int = 0
@@ -129,13 +129,25 @@ class CamConfig:
 
 @dataclass
 class EvalConfig:
-    scales: List[float] = field(default_factory=lambda: [1.0, 0.75, 1.25])  # segmentation
-    cam_scales: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.75, 1.5])
-    bkg_sweep: List[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6])
+    """``wsss.eval`` and periodic validation (SPEC §4, §5). Defaults are the official protocols'."""
+
+    protocols: List[str] = field(default_factory=list)  # by name (MoRe: E1-CAM E1-LAM E2 E3 extra-CAM
+    # extra-LAM; AReAM: official analysis); empty = the method's official set
+    input_size: int = 0  # square size images are resized to (official 448; 0 = data.crop_size)
+    bkg_thre: float = 0.5  # background threshold of E1/E2 and of the validation columns
+    scales: List[float] = field(default_factory=lambda: [1.0, 1.25, 1.5])  # E3 segmentation (max over scales)
+    cam_scales: List[float] = field(default_factory=lambda: [1.0])  # E1 CAM/LAM (refine_with_multiscale: 7)
+    lam_seg_scales: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0])  # E2
+    bkg_sweep: List[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6])  # extra rows only
     train_images: int = 0  # images of the train split for pseudo-label mIoU (0 = all)
     val_images: int = 0  # 0 = all
-    crf: bool = False
-    crf_workers: int = 0  # 0 = all cores
+    crf: bool = False  # adds the dense-CRF variant of every protocol
+    crf_iters: int = 10  # dense CRF of every official script (SPEC §4)
+    crf_pos_xy_std: float = 1.0
+    crf_pos_w: float = 3.0
+    crf_bi_xy_std: float = 67.0
+    crf_bi_rgb_std: float = 3.0
+    crf_bi_w: float = 4.0
     panels: int = 4  # PNG panels written per evaluation
     layerwise: bool = False  # AReAM: pseudo-label mIoU of each single layer's affinity (table + plot)
 
@@ -162,7 +174,6 @@ class Config:
 _CHOICES = {
     "data.dataset": ("voc", "coco"),
     "data.aug": ("more", "toco"),
-    "model.method": ("more", "baseline", "aream"),
     "aream.entropy": ("offline", "online", "none"),
     "optim.schedule": ("poly", "cosine"),
     "amp": ("off", "bf16", "fp16"),
@@ -232,6 +243,10 @@ def _build(cls, values: dict, prefix: str = ""):
         else:
             kwargs[key] = _coerce(value, tp, where)
             choices = _CHOICES.get(where)
+            if where == "model.method":  # the method registry is the one list of methods
+                from wsss.methods import METHODS
+
+                choices = tuple(METHODS)
             if choices and kwargs[key] not in choices:
                 raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(choices)}")
     return cls(**kwargs)

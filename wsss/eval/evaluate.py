@@ -1,32 +1,31 @@
-"""Full evaluation of a trained checkpoint (SPEC §4).
+"""``wsss.eval``: runs a method's evaluation protocols (SPEC §4, §5) on a trained checkpoint.
 
-(a) CAM (and LAM with GCR) pseudo labels on the train split, best background threshold of a
-sweep; (b) the PAR-refined pseudo labels; (c) the segmentation head on val with scales +
-flip, optionally followed by the dense CRF. Each beside the all-background baseline.
+The method (``wsss.methods``) says which protocols exist and predicts labels per image; this
+module loads the model and data, runs every protocol over its split (sharded over the ranks of
+``torchrun``, confusion matrices summed, so N processes give one process's result exactly),
+picks the best threshold of swept rows, and writes ``results.md``, ``results.csv``,
+``results.json`` and PNG panels. Every row names its protocol; the header lists each
+protocol's images and seconds.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
-import numpy as np
 import torch
 
-from wsss.cam import multi_scale_cam, multi_scale_lam, refine_cams_with_bkg
 from wsss.config import Config, save_config
-from wsss.data import build_datasets
-from wsss.data.transforms import denormalize
-from wsss.kernels import par_refine
+from wsss.data import DatasetError, build_datasets
+from wsss.methods import get_method
 from wsss.utils.device import resolve_device
-from wsss.utils.preflight import extension_problem, missing_file, raise_if
+from wsss.utils.distributed import all_reduce_confusion, rank_and_world, shard
 from wsss.utils.logging import get_logger
+from wsss.utils.preflight import extension_problem, missing_file, raise_if
 
-from .inference import best_threshold, cam_threshold_sweep, predict_segmentation
 from .metrics import ConfusionMatrix
-from .report import colorize, format_markdown, heatmap, results_table, save_panel, write_csv
+from .report import colorize, format_markdown, heatmap, plot_series, results_table, save_panel, write_csv
 
 
 def load_model(cfg: Config, ckpt_path, device):
@@ -40,155 +39,136 @@ def load_model(cfg: Config, ckpt_path, device):
     return model.eval(), num_classes
 
 
-def _items(dataset, limit: int):
-    n = len(dataset) if not limit else min(limit, len(dataset))
-    for i in range(n):
-        yield dataset[i]
-
-
-def _par(cfg: Config):
-    return lambda img, masks: par_refine(img, masks, dilations=tuple(cfg.cam.par_dilations),
-                                         num_iter=cfg.cam.par_iters, impl=cfg.impl)
-
-
-@torch.no_grad()
-def evaluate_pseudo_labels(model, dataset, cfg: Config, device, K: int):
-    """Confusion matrices of CAM/LAM (threshold sweep) and their PAR refinement on ``dataset``."""
-    sweep = [float(t) for t in cfg.eval.bkg_sweep]
-    use_lam = getattr(model, "graph_layer", None) is not None
-    mats = {"cam": {t: ConfusionMatrix(K) for t in sweep}}
-    refined = {"cam+PAR": ConfusionMatrix(K)}
-    if use_lam:
-        mats["lam"] = {t: ConfusionMatrix(K) for t in sweep}
-        refined["lam+PAR"] = ConfusionMatrix(K)
-    background = ConfusionMatrix(K)
-    for item in _items(dataset, cfg.eval.train_images):
-        image = item["image"][None].to(device)
-        gt, y = item["label"], item["cls_label"][None].to(device)
-        maps = {"cam": multi_scale_cam(model, image, tuple(cfg.eval.cam_scales))[0]}
-        if use_lam:
-            maps["lam"] = multi_scale_lam(model, image, tuple(cfg.eval.cam_scales))
-        for name, m in maps.items():
-            cam_threshold_sweep(m, y, gt, sweep, mats[name])
-            lab = refine_cams_with_bkg(denormalize(image), m * y[:, :, None, None], y, cfg.cam.high_thre,
-                                       cfg.cam.low_thre, down_scale=cfg.cam.par_down_scale, par=_par(cfg))
-            # pixels the refinement leaves uncertain (ignore) count as background
-            refined[f"{name}+PAR"].update(torch.where(lab == 255, 0, lab), gt)
-        background.update(torch.zeros_like(gt), gt)
-    return mats, refined, background
-
-
-@torch.no_grad()
-def evaluate_segmentation(model, dataset, cfg: Config, device, K: int, panel_dir: Path):
-    seg, seg_crf, background = ConfusionMatrix(K), ConfusionMatrix(K), ConfusionMatrix(K)
-    crf_batch: List = []
-
-    def flush_crf():
-        from wsss.crf import dense_crf_many
-
-        outs = dense_crf_many([b[0] for b in crf_batch], [b[1] for b in crf_batch],
-                              num_workers=cfg.eval.crf_workers or (os.cpu_count() or 1))
-        for q, (_, _, gt) in zip(outs, crf_batch):
-            seg_crf.update(torch.as_tensor(np.asarray(q)).argmax(dim=0), gt)
-        crf_batch.clear()
-
-    for i, item in enumerate(_items(dataset, cfg.eval.val_images)):
-        image = item["image"][None].to(device)
-        gt = item["label"]
-        probs = predict_segmentation(model, image, tuple(cfg.eval.scales), flip=True, out_size=gt.shape[-2:])
-        pred = probs.argmax(dim=1)[0].cpu()
-        seg.update(pred, gt)
-        background.update(torch.zeros_like(gt), gt)
-        if cfg.eval.crf:
-            crf_batch.append((item["image_uint8"].numpy(), probs[0].cpu().numpy(), gt))
-            if len(crf_batch) >= 16:
-                flush_crf()
-        if i < cfg.eval.panels:
-            y = item["cls_label"][None].to(device)
-            cam = multi_scale_cam(model, image, (1.0,), out_size=gt.shape[-2:])[0] * y[:, :, None, None]
-            tiles = [item["image_uint8"].numpy(), colorize(gt.numpy()), heatmap(cam[0].amax(0).cpu().numpy()),
-                     colorize(pred.numpy())]
-            save_panel(panel_dir / f"{item['name']}.png", tiles, ["image", "ground truth", "CAM", "prediction"])
-    if crf_batch:
-        flush_crf()
-    return seg, (seg_crf if cfg.eval.crf else None), background
+def _load_data(cfg: Config, protocols) -> Dict:
+    """The segmentation sets the protocols read, by split name; ``problems`` on failure."""
+    splits, problems = {}, []
+    need_train = any(p.split == "train" for p in protocols)
+    kwargs = dict(cls_labels=cfg.data.cls_labels or None, aug=cfg.data.aug, seed=cfg.seed, eval_resize=None)
+    try:
+        _, train_seg, val_seg = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
+                                               cfg.data.val_split, cfg.data.crop_size, train_masks=False, **kwargs)
+        splits["val"] = val_seg
+    except ValueError as e:  # DatasetError and bad arguments
+        return {}, [f"data ({cfg.data.dataset} at data.root={cfg.data.root}): {e}"]
+    if need_train:
+        try:
+            splits["train"] = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
+                                             cfg.data.val_split, cfg.data.crop_size, **kwargs)[1]
+        except DatasetError as e:
+            if cfg.eval.protocols:  # asked for by name: an error
+                problems.append(f"eval.protocols {[p.name for p in protocols if p.split == 'train']} score the "
+                                f"train split ({cfg.data.train_split}) against its masks: {e}")
+            else:  # the default set: score what can be scored, and say so
+                get_logger().warning("skipping the pseudo-label protocols: the train split has no masks (%s)", e)
+    return splits, problems
 
 
 def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
     log = get_logger()
     device = resolve_device(cfg.device)
+    rank, world = rank_and_world()
+    method = get_method(cfg.model.method)
     # checked before the model is built or any image is read: every problem in one message
     problems = missing_file("--ckpt", ckpt_path)
     if cfg.eval.crf:
         problems += extension_problem("eval.crf=true (dense CRF)")
     try:
-        _, train_seg, val_seg = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
-                                               cfg.data.val_split, cfg.data.crop_size,
-                                               cls_labels=cfg.data.cls_labels or None, aug=cfg.data.aug,
-                                               seed=cfg.seed, eval_resize=None)
-    except ValueError as e:  # DatasetError and bad arguments
-        problems.append(f"data ({cfg.data.dataset} at data.root={cfg.data.root}): {e}")
-    raise_if("evaluation", problems)
+        protocols = method.protocols(cfg)
+    except ValueError as e:
+        protocols, problems = [], problems + [str(e)]
+    splits, data_problems = _load_data(cfg, protocols)
+    raise_if("evaluation", problems + data_problems)
+    protocols = [p for p in protocols if p.split in splits]
     out_dir = Path(out_dir or Path(cfg.run_dir) / "eval")
-    (out_dir / "panels").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    if rank == 0:
+        (out_dir / "panels").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
     model, C = load_model(cfg, ckpt_path, device)
-    if train_seg.num_classes != C:
-        raise ValueError(f"checkpoint has {C} classes but the data set at {cfg.data.root} has {train_seg.num_classes}")
+    for split, ds in splits.items():
+        if ds.num_classes != C:
+            raise ValueError(f"checkpoint has {C} classes but the data set at {cfg.data.root} has {ds.num_classes}")
     K = C + 1
-    class_names = list(val_seg.class_names)
-    if cfg.model.method == "aream":
-        return _evaluate_aream(cfg, model, train_seg, device, K, class_names, out_dir, ckpt_path)
-    t0 = time.time()
-    mats, refined, bg_train = evaluate_pseudo_labels(model, train_seg, cfg, device, K)
-    log.info("pseudo labels evaluated in %.1fs", time.time() - t0)
-    t0 = time.time()
-    seg, seg_crf, bg_val = evaluate_segmentation(model, val_seg, cfg, device, K, out_dir / "panels")
-    log.info("segmentation evaluated in %.1fs", time.time() - t0)
+    limits = {"train": cfg.eval.train_images, "val": cfg.eval.val_images}
 
-    rows, baselines, notes = {}, {}, {}
-    for name, sweep in mats.items():
-        thr, mat = best_threshold(sweep)
-        key = f"{name.upper()} pseudo labels (train)"
-        rows[key], baselines[key], notes[key] = mat, bg_train, f"best bkg threshold {thr:g}"
-    for name, mat in refined.items():
-        key = f"{name.upper().replace('+PAR', '')} + PAR pseudo labels (train)"
-        rows[key], baselines[key] = mat, bg_train
-        notes[key] = f"high {cfg.cam.high_thre:g} / low {cfg.cam.low_thre:g}"
-    key = "segmentation (val)"
-    rows[key], baselines[key] = seg, bg_val
-    notes[key] = f"scales {list(cfg.eval.scales)} + flip"
-    if seg_crf is not None:
-        key = "segmentation + CRF (val)"
-        rows[key], baselines[key], notes[key] = seg_crf, bg_val, "dense CRF, SPEC §4 parameters"
-    header = (f"Evaluation of `{ckpt_path}` on `{cfg.data.root}` ({len(val_seg)} val images, "
-              f"{min(len(train_seg), cfg.eval.train_images or len(train_seg))} train images)")
-    return _write_results(rows, baselines, notes, class_names, header, out_dir)
+    mats: Dict[str, object] = {}  # row -> matrix, or {threshold: matrix} for swept rows
+    rows = {r.name: (p, r) for p in protocols for r in p.rows}
+    for name, (_, r) in rows.items():
+        mats[name] = {t: ConfusionMatrix(K) for t in r.sweep} if r.sweep else ConfusionMatrix(K)
+    background = {s: ConfusionMatrix(K) for s in splits}
+    seconds = {p.name: 0.0 for p in protocols}
+    counts = {}
+    with torch.no_grad():
+        for split, ds in splits.items():
+            on_split = [p for p in protocols if p.split == split]
+            if not on_split:
+                continue
+            n = len(ds) if not limits[split] else min(limits[split], len(ds))
+            counts[split] = n
+            for i in shard(n):
+                item = ds[i]
+                gt = item["label"]
+                background[split].update(torch.zeros_like(gt), gt)
+                for p in on_split:
+                    t0 = time.time()
+                    for name, pred in p.predict(model, item, device).items():
+                        if isinstance(pred, dict):
+                            for t, lab in pred.items():
+                                mats[name][t].update(lab, gt)
+                        else:
+                            mats[name].update(pred, gt)
+                    seconds[p.name] += time.time() - t0
+                if rank == 0 and i < cfg.eval.panels:
+                    _write_panel(method, model, item, cfg, device, out_dir / "panels", on_split[0])
+    flat = [m for v in mats.values() for m in (v.values() if isinstance(v, dict) else [v])]
+    all_reduce_confusion(flat + list(background.values()))
+    if world > 1:  # the slowest rank's time is the wall time
+        t = torch.tensor(list(seconds.values()), dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        seconds = dict(zip(seconds, t.tolist()))
 
-
-def _write_results(rows, baselines, notes, class_names, header: str, out_dir: Path, extra: str = "") -> Dict:
-    table = results_table(rows, baselines, notes)
-    markdown = format_markdown(table, rows, class_names, header) + extra
-    (out_dir / "results.md").write_text(markdown)
-    write_csv(table, rows, class_names, out_dir / "results.csv")
-    (out_dir / "results.json").write_text(json.dumps(table, indent=2))
-    return {"table": table, "markdown": markdown, "out_dir": str(out_dir)}
-
-
-def _evaluate_aream(cfg: Config, model, train_seg, device, K: int, class_names, out_dir: Path, ckpt_path) -> Dict:
-    from .aream import evaluate_aream_pseudo_labels, write_layerwise
-
-    t0 = time.time()
-    rows, notes, background, layerwise = evaluate_aream_pseudo_labels(
-        model, train_seg, cfg, device, K, cfg.eval.train_images, _par(cfg), out_dir / "panels")
-    get_logger().info("AReAM pseudo labels evaluated in %.1fs", time.time() - t0)
-    extra = ""
-    if layerwise is not None:
-        extra = ("\nLayer-wise analysis: pseudo-label mIoU (best background threshold) of the CAM re-activated by "
-                 "each single layer's affinity, and by the entropy-weighted aggregate (`layerwise.png`)\n\n"
-                 + write_layerwise(layerwise, out_dir))
-    n = min(len(train_seg), cfg.eval.train_images or len(train_seg))
-    header = f"Evaluation of `{ckpt_path}` (AReAM, entropy {cfg.aream.entropy}) on `{cfg.data.root}` ({n} train images)"
-    result = _write_results(rows, {k: background for k in rows}, notes, class_names, header, out_dir, extra)
-    result["layerwise"] = layerwise
+    scored, baselines, notes, over = {}, {}, {}, {}
+    for name, (p, r) in rows.items():
+        m = mats[name]
+        note = f"{p.name}: {r.note}"
+        if isinstance(m, dict):
+            t = max(m, key=lambda t: m[t].miou(r.over))
+            m, note = m[t], f"{note}; best bkg {t:g}"
+        scored[name], baselines[name], notes[name], over[name] = m, background[p.split], note, r.over
+    table = results_table(scored, baselines, notes, over)
+    for row in table:
+        row["protocol"] = rows[row["result"]][0].name
+    header = (f"Evaluation of `{ckpt_path}` ({cfg.model.method}) on `{cfg.data.root}`, {world} process(es)\n\n"
+              + "\n".join(f"- {p.name} ({p.description}): {counts[p.split]} {p.split} images, {seconds[p.name]:.1f} s"
+                          for p in protocols))
+    series: Dict[str, list] = {}
+    for row in table:
+        r = rows[row["result"]][1]
+        if r.series:
+            series.setdefault(r.series[0], []).append((r.series[1], row["miou"]))
+    result = {"table": table, "out_dir": str(out_dir), "seconds": seconds, "series": series}
+    if rank == 0:
+        markdown = format_markdown(table, scored, list(next(iter(splits.values())).class_names), header)
+        for name, points in series.items():
+            plot_series({"this model": points}, out_dir / f"{name}.png", xlabel=name)
+            markdown += (f"\n{name} (`{name}.png`)\n\n| point | mIoU |\n|---|---|\n"
+                         + "".join(f"| {p} | {100 * v:.1f} |\n" for p, v in points))
+        (out_dir / "results.md").write_text(markdown)
+        write_csv(table, scored, list(next(iter(splits.values())).class_names), out_dir / "results.csv")
+        (out_dir / "results.json").write_text(json.dumps({"table": table, "seconds": seconds}, indent=2))
+        result["markdown"] = markdown
+        log.info("evaluation written to %s", out_dir)
     return result
+
+
+def _write_panel(method, model, item, cfg, device, panel_dir: Path, protocol) -> None:
+    """image | ground truth | the method's maps | the protocol's first row."""
+    maps, titles = method.panel(model, item, cfg, device)
+    pred = protocol.predict(model, item, device)[protocol.rows[0].name]
+    if isinstance(pred, dict):
+        pred = pred[sorted(pred)[len(pred) // 2]]  # the middle of a swept row's thresholds
+    tiles = [item["image_uint8"].numpy(), colorize(item["label"].numpy())] + [heatmap(m) for m in maps]
+    tiles.append(colorize(pred.cpu().numpy()))
+    save_panel(panel_dir / f"{item['name']}.png", tiles, ["image", "ground truth", *titles, protocol.rows[0].name[:24]])
+
+
+__all__ = ["evaluate", "load_model"]

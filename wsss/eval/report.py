@@ -17,13 +17,16 @@ def _fmt(v) -> str:
 
 
 def results_table(rows: Dict[str, ConfusionMatrix], baselines: Dict[str, ConfusionMatrix],
-                  notes: Dict[str, str]) -> List[dict]:
-    """One row per evaluated output: mIoU, pixel accuracy and the all-background baseline."""
+                  notes: Dict[str, str], over: Dict[str, str] = None) -> List[dict]:
+    """One row per evaluated output: mIoU (averaged ``over`` the ground-truth classes or all,
+    per row), pixel accuracy and the all-background baseline."""
+    over = over or {}
     table = []
     for name, mat in rows.items():
         base = baselines.get(name)
-        table.append({"result": name, "miou": mat.miou(), "pixel_acc": mat.pixel_accuracy(),
-                      "all_background_miou": base.miou() if base is not None else None,
+        how = over.get(name, "gt")
+        table.append({"result": name, "miou": mat.miou(how), "pixel_acc": mat.pixel_accuracy(),
+                      "all_background_miou": base.miou(how) if base is not None else None,
                       "note": notes.get(name, "")})
     return table
 
@@ -87,3 +90,28 @@ def save_panel(path: Path, tiles: Sequence[np.ndarray], titles: Sequence[str]) -
         draw.text((x + 2, 1), title, fill=(0, 0, 0))
         x += tile.shape[1] + gap
     canvas.save(path)
+
+
+def plot_series(curves: Dict[str, List], path: Path, xlabel: str, ylabel: str = "pseudo-label mIoU (%)") -> None:
+    """Line plot of ``{label: [(point name, value), ...]}``: points named ``"<word> <int>"`` are
+    the x axis, a point named ``"aggregated"`` a dashed level (AReAM's layer-wise analysis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (label, points) in enumerate(curves.items()):
+        xs = [(int(n.split()[1]), v) for n, v in points if n != "aggregated"]
+        color = f"C{i}"
+        ax.plot([x for x, _ in xs], [100 * v for _, v in xs], marker="o", color=color, label=label)
+        agg = [v for n, v in points if n == "aggregated"]
+        if agg:
+            ax.axhline(100 * agg[0], color=color, linestyle="--", linewidth=1, label=f"{label}: aggregated")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

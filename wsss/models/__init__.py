@@ -9,17 +9,7 @@ __all__ = ["AReAM", "AReAMOutput", "GraphCategoryRepresentation", "MoRe", "MoReO
 
 
 def build_model(model_cfg, num_classes: int):
-    """Build the network a ``ModelConfig`` describes."""
-    if model_cfg.method in ("more", "baseline"):
-        return MoRe(num_classes, backbone=model_cfg.backbone, num_reg_tokens=model_cfg.num_reg_tokens,
-                    aux_layer=model_cfg.aux_layer, gcr=model_cfg.gcr and model_cfg.method == "more",
-                    pretrained=model_cfg.pretrained or None, embed_dim=model_cfg.embed_dim,
-                    depth=model_cfg.depth, num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size,
-                    img_size=model_cfg.img_size, drop_path_rate=model_cfg.drop_path,
-                    decoder_dim=model_cfg.decoder_dim)
-    if model_cfg.method == "aream":
-        return AReAM(num_classes, backbone=model_cfg.backbone, pretrained=model_cfg.pretrained or None,
-                     embed_dim=model_cfg.embed_dim, depth=model_cfg.depth, num_heads=model_cfg.num_heads,
-                     patch_size=model_cfg.patch_size, img_size=model_cfg.img_size,
-                     drop_path_rate=model_cfg.drop_path)
-    raise ValueError(f"model.method={model_cfg.method!r} is not built yet by this version of wsss")
+    """Build the network a ``ModelConfig`` describes (its method decides how, ``wsss.methods``)."""
+    from wsss.methods import get_method  # methods sit above models; imported on use
+
+    return get_method(model_cfg.method).build_model(model_cfg, num_classes)

@@ -24,8 +24,10 @@ VARIANTS = {
     "no LIR": ["loss.w_cle=0", "loss.w_une=0"],
     "no GCR, no LIR": ["model.gcr=false", "loss.w_cle=0", "loss.w_une=0"],
 }
-ROWS = ("LAM pseudo labels (train)", "LAM + PAR pseudo labels (train)", "CAM pseudo labels (train)",
-        "segmentation (val)")
+ROWS = ("E1 LAM pseudo labels (train)", "extra: LAM + PAR pseudo labels (train)", "E1 CAM pseudo labels (train)",
+        "E3 segmentation (val)")
+# E1/E3 and the PAR extra; the LAM protocols only for variants with GCR
+MORE_PROTOCOLS = {True: "eval.protocols=[E1-CAM,E1-LAM,E3,extra-LAM]", False: "eval.protocols=[E1-CAM,E3]"}
 AREAM_VARIANTS = {
     "no affinity loss, no entropy weights": ["aream.w_aff=0", "aream.entropy=none", "eval.layerwise=true"],
     "affinity loss, no entropy weights": ["aream.entropy=none", "eval.layerwise=false"],
@@ -65,13 +67,16 @@ def run_ablation(cfg_path, overrides, variants=None, reuse: bool = False):
     for name in variants:
         if name not in table_of:
             raise ValueError(f"unknown variant {name!r}; valid: {', '.join(table_of)}")
-        cfg = load_config(cfg_path, list(overrides) + table_of[name] + [f"run_dir={out / _slug(name)}"])
+        extra = table_of[name] + [f"run_dir={out / _slug(name)}"]
+        if not aream:
+            extra.append(MORE_PROTOCOLS["model.gcr=false" not in table_of[name]])
+        cfg = load_config(cfg_path, list(overrides) + extra)
         ckpt = _finished_checkpoint(cfg) if reuse else None
         ckpts[name] = (cfg, ckpt or train(cfg))
         result = evaluate(cfg, ckpts[name][1])
         results[name] = {r["result"]: r["miou"] for r in result["table"]}
-        if result.get("layerwise"):
-            curves[name] = result["layerwise"]
+        if result["series"].get("layerwise"):
+            curves[name] = result["series"]["layerwise"]
     lines = [f"Ablation of `{cfg_path}` {' '.join(overrides)} (mIoU, %)", "",
              "| variant | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for name, res in results.items():
@@ -79,9 +84,9 @@ def run_ablation(cfg_path, overrides, variants=None, reuse: bool = False):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     if curves:
-        from wsss.eval.aream import plot_layerwise
+        from wsss.eval.report import plot_series
 
-        plot_layerwise(curves, out / "layerwise.png")
+        plot_series(curves, out / "layerwise.png", xlabel="layer whose affinity re-activates the gated CAM")
         names = list(curves)
         layers = [n for n, _ in curves[names[0]]]
         table += ("\nLayer-wise pseudo-label mIoU (%) of the CAM re-activated by one layer's affinity "

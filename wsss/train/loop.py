@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from wsss.config import Config, config_to_dict, save_config
 from wsss.data import DatasetError, build_datasets
-from wsss.models import build_model
+from wsss.methods import Schedule, get_method
 from wsss.models.checkpoints import ARCH_KEYS
 from wsss.utils.device import autocast, resolve_device, seed_everything
 from wsss.utils.logging import setup_logging
@@ -26,7 +26,6 @@ from wsss.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, s
 from wsss.utils.distributed import dist_env
 from wsss.utils.preflight import extension_problem, gpu_count_problem, missing_file, raise_if
 from .optim import build_optimizer, optimizer_step
-from .steps import Schedule, build_loss_fn
 
 
 class ResumableSampler(Sampler):
@@ -115,17 +114,12 @@ class MetricsWriter:
 def _config_problems(cfg: Config, device, local_world: int) -> list:
     """Problems of the resolved config that would otherwise surface mid-run (SPEC-free checks)."""
     problems = gpu_count_problem(device.type, local_world)
-    method = cfg.model.method
-    if method == "more" and cfg.loss.w_reg > 0:
-        problems += extension_problem(f"loss.w_reg={cfg.loss.w_reg:g} (DenseCRF regularized loss)")
+    problems += get_method(cfg.model.method).config_problems(cfg)
     if cfg.eval.crf:
         problems += extension_problem("eval.crf=true (dense CRF at the final evaluation)")
     if cfg.model.pretrained:
         problems += missing_file("model.pretrained", cfg.model.pretrained,
                                  "a local ImageNet ViT/DeiT checkpoint; model.pretrained='' trains from scratch")
-    if method == "aream" and cfg.aream.entropy == "offline" and cfg.aream.w_aff > 0:
-        problems += missing_file("aream.entropy_file", cfg.aream.entropy_file,
-                                 "written by python -m wsss.tools.layer_entropy; or aream.entropy=online|none")
     if cfg.resume:
         problems += missing_file("resume", cfg.resume)
     return problems
@@ -191,7 +185,8 @@ def train(cfg: Config) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.seed + rank)
     num_classes = train_ds.num_classes
-    model = build_model(cfg.model, num_classes).to(device)
+    method = get_method(cfg.model.method)
+    model = method.build_model(cfg.model, num_classes).to(device)
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_iters)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     step = 0
@@ -209,7 +204,7 @@ def train(cfg: Config) -> Path:
         log.info("resumed from %s at step %d", cfg.resume, step)
     if cfg.compile:  # in place (nn.Module.compile): state-dict keys and checkpoints stay unchanged
         model.backbone.compile()
-    loss_fn = build_loss_fn(cfg, device)
+    loss_fn = method.objective(cfg, device)
     if hasattr(loss_fn, "prepare"):
         loss_fn.prepare(model, cfg)
     train_model = model
@@ -229,11 +224,9 @@ def train(cfg: Config) -> Path:
     amp_ctx = autocast(device, cfg.amp)
     writer = MetricsWriter(run_dir, enabled=rank == 0)
     ckpt_path = run_dir / "checkpoint.pt"
-    phase = (f"affinity loss from iteration {schedule.aff_start}" if cfg.model.method == "aream"
-             else f"seg/reg losses from iteration {schedule.seg_start}")
     log.info("training %s on %s: %d images, %d classes, %d iterations, batch %d x %d process(es); %s",
              cfg.model.method, device, len(train_ds), num_classes, cfg.train.max_iters, cfg.train.batch_size,
-             world, phase)
+             world, method.describe_schedule(schedule))
 
     def save(at_step: int) -> None:
         rngs = [None] * world

@@ -1,0 +1,213 @@
+"""The single-stage CAM → PAR → segmentation baseline MoRe extends (``model.method=baseline``):
+the MoRe network without GCR, trained with the classification and auxiliary classification
+losses, and after ``seg_start`` the segmentation head on PAR-refined CAM pseudo labels."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from wsss.cam import cam_to_label, multi_scale_cam, normalize_maps, refine_cams_with_bkg
+from wsss.data.transforms import denormalize
+from wsss.losses import classification_loss, seg_loss
+
+from .base import (IGNORE, Method, Protocol, Row, Schedule, bare, cam_crf_labels, crf_labels, make_par,
+                   resize_square, to_label_size)
+
+
+def idle_decoder_term(out) -> torch.Tensor:
+    """Zero that still depends on the decoder: before ``seg_start`` every parameter must take
+    part in the loss so DDP's gradient all-reduce sees the same set on every step."""
+    return out.seg_logits.sum() * 0.0
+
+
+@torch.no_grad()
+def training_cams(model, images, cfg):
+    """Multi-scale CAMs of the batch (SPEC §3 step 1), from the bare model also under DDP."""
+    return multi_scale_cam(bare(model), images, tuple(cfg.cam.scales))
+
+
+@torch.no_grad()
+def refined_pseudo_labels(images, cam, cls_label, valid, cfg):
+    """Label-masked CAM → PAR with two background scores (SPEC §3 steps 2–3)."""
+    valid_cam, _ = cam_to_label(cam, cls_label, bkg_thre=cfg.cam.bkg_thre, high_thre=cfg.cam.high_thre,
+                                low_thre=cfg.cam.low_thre, ignore_mid=True, ignore_index=IGNORE)
+    label = refine_cams_with_bkg(denormalize(images), valid_cam, cls_label, cfg.cam.high_thre, cfg.cam.low_thre,
+                                 ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
+    label[~valid] = IGNORE
+    return label
+
+
+def baseline_losses(model, batch, step: int, cfg, schedule: Schedule, amp_ctx) -> Dict[str, torch.Tensor]:
+    images, cls_label, valid = batch["image"], batch["cls_label"], batch["valid"]
+    seg_on = step >= schedule.seg_start and cfg.loss.w_seg > 0
+    with amp_ctx:
+        out = model(images, with_score_maps=False)
+    losses = {"cls": classification_loss(out.cls_logits, cls_label),
+              "aux": cfg.loss.w_aux * classification_loss(out.aux_cls_logits, cls_label)}
+    if seg_on:
+        cam, _ = training_cams(model, images, cfg)
+        label = refined_pseudo_labels(images, cam, cls_label, valid, cfg)
+        seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        losses["seg"] = cfg.loss.w_seg * seg_loss(seg, label, IGNORE)
+    else:
+        losses["seg"] = idle_decoder_term(out)
+    return losses
+
+
+# -- evaluation (SPEC §4) --------------------------------------------------------------------
+
+def eval_input_size(cfg) -> int:
+    """The square size the official scripts resize every evaluated image to (448)."""
+    return cfg.eval.input_size or cfg.data.crop_size
+
+
+@torch.no_grad()
+def fused_segmentation_logits(model, image: torch.Tensor, scales, base_size: int, out_size) -> torch.Tensor:
+    """SPEC §4 E3: for each scale a square ``base_size·s`` input and its flip, logits resized to
+    the label size, the un-flipped flip logits added, element-wise max over scales. (B,K,H,W)."""
+    fused = None
+    B = image.shape[0]
+    for s in scales:
+        side = int(round(base_size * s))
+        x = resize_square(image, side)
+        logits = model(torch.cat([x, x.flip(-1)]), with_score_maps=False).seg_logits.float()
+        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        logits = logits[:B] + logits[B:].flip(-1)
+        fused = logits if fused is None else torch.maximum(fused, logits)
+    return fused
+
+
+def _present(y: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(y > 0).flatten()
+
+
+class BaselineMethod(Method):
+    name = "baseline"
+    gcr = False
+
+    def build_model(self, model_cfg, num_classes: int):
+        from wsss.models import MoRe
+
+        return MoRe(num_classes, backbone=model_cfg.backbone, num_reg_tokens=model_cfg.num_reg_tokens,
+                    aux_layer=model_cfg.aux_layer, gcr=self.gcr and model_cfg.gcr,
+                    pretrained=model_cfg.pretrained or None, embed_dim=model_cfg.embed_dim, depth=model_cfg.depth,
+                    num_heads=model_cfg.num_heads, patch_size=model_cfg.patch_size, img_size=model_cfg.img_size,
+                    drop_path_rate=model_cfg.drop_path, decoder_dim=model_cfg.decoder_dim)
+
+    def objective(self, cfg, device):
+        return baseline_losses
+
+    def describe_schedule(self, schedule: Schedule) -> str:
+        return f"seg loss from iteration {schedule.seg_start}"
+
+    # -- periodic validation: the official columns (SPEC §4) ------------------------------------
+    def validate(self, model, item, cfg, device) -> Dict[str, torch.Tensor]:
+        image = item["image"][None].to(device)
+        y = item["cls_label"][None].to(device)
+        size = tuple(item["label"].shape[-2:])
+        bkg = cfg.eval.bkg_thre
+        cam, cam_aux = multi_scale_cam(model, image, tuple(cfg.cam.scales), out_size=size)
+        cols = {"cam": cam_to_label(cam, y, bkg_thre=bkg)[1][0],
+                "aux_cam": cam_to_label(cam_aux, y, bkg_thre=bkg)[1][0]}
+        out = model(image, with_score_maps=False)
+        if getattr(model, "graph_layer", None) is not None:
+            # Score Map: the forward's F · class tokens, one scale, no flip (SPEC §4)
+            score = torch.einsum("bdhw,bcd->bchw", out.patch_features.float(), out.class_tokens.float())
+            score = normalize_maps(to_label_size(score, size))
+            cols["score_map"] = cam_to_label(score, y, bkg_thre=bkg)[1][0]
+            cols["fused"] = cam_to_label(normalize_maps(cam * score), y, bkg_thre=bkg)[1][0]
+        cols["seg"] = to_label_size(out.seg_logits, size).argmax(dim=1)[0]
+        return cols
+
+    # -- evaluation protocols (SPEC §4) ---------------------------------------------------------
+    def protocols(self, cfg) -> List[Protocol]:
+        wanted = list(cfg.eval.protocols) or self.default_protocols(cfg)
+        table = self.protocol_table(cfg)
+        unknown = [p for p in wanted if p not in table]
+        if unknown:
+            raise ValueError(f"eval.protocols: {unknown} unknown for model.method={self.name}; "
+                             f"known: {', '.join(table)}")
+        return [table[p]() for p in wanted]
+
+    def default_protocols(self, cfg) -> List[str]:
+        return ["E1-CAM", "E3"]
+
+    def protocol_table(self, cfg) -> Dict:
+        return {"E1-CAM": lambda: self._e1(cfg, "CAM"), "E3": lambda: self._e3(cfg),
+                "extra-CAM": lambda: self._extra(cfg, "CAM")}
+
+    def _maps(self, model, x, kind: str, scales, size):
+        if kind == "CAM":
+            return multi_scale_cam(model, x, scales, out_size=size)[0]
+        raise ValueError(kind)
+
+    def _e1(self, cfg, kind: str) -> Protocol:
+        """E1 pseudo-label quality (train, ground-truth image labels, SPEC §4)."""
+        scales = tuple(cfg.eval.cam_scales)
+        S, bkg = eval_input_size(cfg), cfg.eval.bkg_thre
+        raw = Row(f"E1 {kind} pseudo labels (train)", f"{S}², scales {list(scales)} + flip, bkg {bkg:g}")
+        rows = [raw]
+        if cfg.eval.crf:
+            rows.append(Row(f"E1 {kind} + CRF pseudo labels (train)", "crf_post, dense CRF t=10 1/3/67/3/4"))
+
+        def predict(model, item, device):
+            x = resize_square(item["image"][None].to(device), S)
+            y = item["cls_label"][None].to(device)
+            size = tuple(item["label"].shape[-2:])
+            maps = to_label_size(self._maps(model, x, kind, scales, (S, S)), size)
+            valid, lab = cam_to_label(maps, y, bkg_thre=bkg)
+            out = {raw.name: lab[0]}
+            if cfg.eval.crf:
+                out[rows[1].name] = cam_crf_labels(item["image_uint8"], valid[0], _present(y[0]), cfg)
+            return out
+
+        return Protocol(f"E1-{kind}", "train", rows, predict, "pseudo-label quality (infer_cam/infer_lam)")
+
+    def _e3(self, cfg) -> Protocol:
+        """E3 segmentation head (val): square multi-scale, flip sum, max over scales (SPEC §4)."""
+        scales = tuple(cfg.eval.scales)
+        S = eval_input_size(cfg)
+        raw = Row("E3 segmentation (val)", f"square {S}·s, s in {list(scales)}, flip sum, max over scales")
+        rows = [raw]
+        if cfg.eval.crf:
+            rows.append(Row("E3 segmentation + CRF (val)", "softmax of the fused logits, dense CRF t=10 1/3/67/3/4"))
+
+        def predict(model, item, device):
+            image = item["image"][None].to(device)
+            logits = fused_segmentation_logits(model, image, scales, S, item["label"].shape[-2:])
+            out = {raw.name: logits.argmax(dim=1)[0]}
+            if cfg.eval.crf:
+                out[rows[1].name] = crf_labels(item["image_uint8"], logits[0].softmax(dim=0), cfg)
+            return out
+
+        return Protocol("E3", "val", rows, predict, "segmentation head (infer_seg_voc)")
+
+    def _extra(self, cfg, kind: str) -> Protocol:
+        """Not an official protocol: the best background threshold of a sweep, and the PAR
+        refinement the training uses (uncertain pixels scored as background)."""
+        scales, sweep = tuple(cfg.eval.cam_scales), tuple(float(t) for t in cfg.eval.bkg_sweep)
+        S = eval_input_size(cfg)
+        swept = Row(f"extra: {kind} pseudo labels, best threshold (train)", f"sweep {list(sweep)}", sweep=sweep)
+        par = Row(f"extra: {kind} + PAR pseudo labels (train)", f"high {cfg.cam.high_thre:g} / low {cfg.cam.low_thre:g}")
+
+        def predict(model, item, device):
+            x = resize_square(item["image"][None].to(device), S)
+            y = item["cls_label"][None].to(device)
+            size = tuple(item["label"].shape[-2:])
+            maps = to_label_size(self._maps(model, x, kind, scales, (S, S)), size)
+            out = {swept.name: {t: cam_to_label(maps, y, bkg_thre=t)[1][0] for t in sweep}}
+            image = item["image"][None].to(device)  # original size = label size
+            lab = refine_cams_with_bkg(denormalize(image), maps * y[:, :, None, None], y, cfg.cam.high_thre,
+                                       cfg.cam.low_thre, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
+            out[par.name] = torch.where(lab == IGNORE, 0, lab)[0]
+            return out
+
+        return Protocol(f"extra-{kind}", "train", [swept, par], predict, "threshold sweep and PAR (not official)")
+
+    def panel(self, model, item, cfg, device):
+        image = item["image"][None].to(device)
+        y = item["cls_label"][None, :, None, None].to(device)
+        cam = multi_scale_cam(model, image, (1.0,), out_size=item["label"].shape[-2:])[0] * y
+        return [cam[0].amax(0).cpu().numpy()], ["CAM"]

@@ -1,0 +1,155 @@
+"""MoRe (AAAI 2025, SPEC §2–§4): the baseline plus GCR-enhanced class tokens, the LIR losses
+(CLE, UNE), the class-token contrast and ToCo's patch-token contrast; evaluated by the four
+official protocols E1 (CAM and LAM), E2 (LAM with predicted image labels) and E3."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from wsss.cam import cam_to_label, multi_scale_lam
+from wsss.kernels import masked_cosine_affinity_loss
+from wsss.losses import (DenseEnergyLoss, classification_loss, cle_loss, seg_loss, token_regularization_loss,
+                         une_loss)
+
+from .base import IGNORE, Protocol, Row, Schedule, cam_crf_labels, resize_square, to_label_size
+from .baseline import BaselineMethod, eval_input_size, idle_decoder_term, refined_pseudo_labels, training_cams
+
+
+def _token_labels(cam, cls_label, size, high, low):
+    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+    return cam_to_label(cam, cls_label, high_thre=high, low_thre=low, ignore_mid=True, ignore_index=IGNORE)[1]
+
+
+class MoReLosses:
+    """MoRe's objective (SPEC §3 steps 4–6). Holds the energy loss module and the seeded
+    generator UNE samples with, so a resumed run continues the same stream."""
+
+    def __init__(self, cfg, device):
+        self.energy = None
+        if cfg.loss.w_reg > 0:
+            self.energy = DenseEnergyLoss(weight=cfg.loss.reg_weight, sigma_rgb=cfg.loss.reg_sigma_rgb,
+                                          sigma_xy=cfg.loss.reg_sigma_xy, scale_factor=cfg.loss.reg_scale)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def __call__(self, model, batch, step: int, cfg, schedule: Schedule, amp_ctx):
+        images, y, valid = batch["image"], batch["cls_label"], batch["valid"]
+        lc = cfg.loss
+        seg_on = step >= schedule.seg_start
+        cam, cam_aux = training_cams(model, images, cfg)
+        with amp_ctx:
+            out = model(images, with_score_maps=False)
+        size = out.patch_features.shape[-2:]
+        token_valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0
+        l_aux = _token_labels(cam_aux, y, size, lc.aux_high, lc.aux_low)
+        if step < schedule.cam2mask:
+            l_cle = _token_labels(cam_aux, y, size, lc.cle_high, lc.cle_low)
+            l_une = l_aux
+        else:
+            l_cle = l_une = _token_labels(cam, y, size, lc.main_high, lc.main_low)
+        for lab in (l_aux, l_cle, l_une):
+            lab[~token_valid] = IGNORE
+        feats = out.patch_features.float()
+        losses = {
+            "cls": classification_loss(out.cls_logits, y),
+            "aux": lc.w_aux * classification_loss(out.aux_cls_logits, y),
+            "tok": lc.w_tok * token_regularization_loss(out.class_tokens, lc.tok_temp),
+            "cle": lc.w_cle * cle_loss(out.class_tokens, feats, l_cle, y, lc.temp),
+            "une": lc.w_une * une_loss(out.class_tokens, feats, l_une, y, lc.temp, generator=self.generator),
+            "ptc": lc.w_ptc * masked_cosine_affinity_loss(feats, l_aux, ignore_index=IGNORE, impl=cfg.impl),
+        }
+        if seg_on:  # the PAR-refined label feeds only the segmentation and energy losses
+            label = refined_pseudo_labels(images, cam, y, valid, cfg)
+            seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear",
+                                align_corners=False)
+            losses["seg"] = lc.w_seg * seg_loss(seg, label, IGNORE)
+            if self.energy is not None:
+                losses["reg"] = lc.w_reg * self.energy(images, seg, label, roi=valid.float())
+        else:
+            losses["seg"] = idle_decoder_term(out)
+        return losses
+
+
+@torch.no_grad()
+def predicted_image_labels(model, image: torch.Tensor, size: int, min_pixels: int = 4) -> torch.Tensor:
+    """SPEC §4 E2: the classes of the segmentation head's argmax (background excluded) covering
+    at least ``min_pixels`` pixels of the ``size × size`` input (logits upsampled to it, bilinear);
+    if none, the classifier's ``cls_logits > 0``. (B,C) float."""
+    out = model(resize_square(image, size), with_score_maps=False)
+    C = out.cls_logits.shape[1]
+    pred = to_label_size(out.seg_logits, (size, size)).argmax(dim=1)  # (B,S,S)
+    counts = torch.stack([(pred == c + 1).flatten(1).sum(1) for c in range(C)], dim=1)  # (B,C)
+    from_seg = (counts >= min_pixels).float()
+    from_cls = (out.cls_logits > 0).float()
+    use_seg = (pred > 0).flatten(1).any(1, keepdim=True)
+    return torch.where(use_seg, from_seg, from_cls)
+
+
+class MoReMethod(BaselineMethod):
+    name = "more"
+    gcr = True
+
+    def objective(self, cfg, device):
+        return MoReLosses(cfg, device)
+
+    def config_problems(self, cfg) -> List[str]:
+        from wsss.utils.preflight import extension_problem
+
+        if cfg.loss.w_reg > 0:
+            return extension_problem(f"loss.w_reg={cfg.loss.w_reg:g} (DenseCRF regularized loss)")
+        return []
+
+    def describe_schedule(self, schedule: Schedule) -> str:
+        return (f"seg/reg losses from iteration {schedule.seg_start}, CLE/UNE on the main CAM from "
+                f"iteration {schedule.cam2mask}")
+
+    def default_protocols(self, cfg) -> List[str]:
+        """SPEC §4's four; without GCR there is no LAM, so E1-CAM and E3."""
+        return ["E1-CAM", "E1-LAM", "E2", "E3"] if cfg.model.gcr else ["E1-CAM", "E3"]
+
+    def protocol_table(self, cfg) -> Dict:
+        table = super().protocol_table(cfg)
+        table.update({"E1-LAM": lambda: self._e1(cfg, "LAM"), "E2": lambda: self._e2(cfg),
+                      "extra-LAM": lambda: self._extra(cfg, "LAM")})
+        return table
+
+    def _maps(self, model, x, kind: str, scales, size):
+        if kind == "LAM":
+            if getattr(model, "graph_layer", None) is None:
+                raise ValueError("the LAM protocols need a MoRe model with GCR (model.gcr=true)")
+            return multi_scale_lam(model, x, scales, out_size=size)
+        return super()._maps(model, x, kind, scales, size)
+
+    def _e2(self, cfg) -> Protocol:
+        """E2: the LAM as a segmentation with predicted image labels (val/test; SPEC §4)."""
+        scales = tuple(cfg.eval.lam_seg_scales)
+        S, bkg = eval_input_size(cfg), cfg.eval.bkg_thre
+        raw = Row("E2 LAM segmentation, predicted labels (val)", f"{S}², scales {list(scales)} + flip, bkg {bkg:g}")
+        rows = [raw]
+        if cfg.eval.crf:
+            rows.append(Row("E2 LAM segmentation + CRF, predicted labels (val)", "crf_post, dense CRF t=10 1/3/67/3/4"))
+
+        def predict(model, item, device):
+            x = resize_square(item["image"][None].to(device), S)
+            y = predicted_image_labels(model, x, S)
+            size = tuple(item["label"].shape[-2:])
+            maps = to_label_size(self._maps(model, x, "LAM", scales, (S, S)), size)
+            valid, lab = cam_to_label(maps, y, bkg_thre=bkg)
+            out = {raw.name: lab[0]}
+            if cfg.eval.crf:
+                out[rows[1].name] = cam_crf_labels(item["image_uint8"], valid[0], torch.nonzero(y[0] > 0).flatten(),
+                                                   cfg)
+            return out
+
+        return Protocol("E2", "val", rows, predict, "LAM with predicted image labels (infer_lam_test_75)")
+
+    def panel(self, model, item, cfg, device):
+        maps, titles = super().panel(model, item, cfg, device)
+        if getattr(model, "graph_layer", None) is not None:
+            image = item["image"][None].to(device)
+            y = item["cls_label"][None, :, None, None].to(device)
+            lam = multi_scale_lam(model, image, (1.0,), out_size=item["label"].shape[-2:]) * y
+            maps.append(lam[0].amax(0).cpu().numpy())
+            titles.append("LAM")
+        return maps, titles
