@@ -65,3 +65,11 @@ def test_yaml11_boolean_words_on_the_command_line():
         from wsss.config import config_from_dict
 
         config_from_dict({"amp": False})
+
+
+@pytest.mark.parametrize("bad", ["cam.scales=[1.0, abc]", "cam.scales=[1.0, .inf]", "optim.lr=nan",
+                                 "eval.bkg_thre=inf"])
+def test_non_numeric_and_non_finite_floats_are_rejected(bad):
+    key = bad.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [bad])

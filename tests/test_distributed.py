@@ -133,3 +133,44 @@ def test_every_method_trains_under_ddp_through_all_stages(data_root, tmp_path, m
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
     log = (tmp_path / "train.log").read_text()
     assert "step 2 validation mIoU" in log and "step 4 validation mIoU" in log
+
+
+def _eval_worker(rank, world, port, overrides, ckpt, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from wsss.eval.evaluate import evaluate
+
+    dist.init_process_group("gloo")
+    try:
+        evaluate(load_config(None, overrides), ckpt, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process(tmp_path_factory, tmp_path):
+    """wsss.eval's protocols (E1 CAM/LAM with CRF, E2, E3, the swept extras) over 2 gloo
+    processes: the same table as one process, to the last digit."""
+    import json
+
+    from wsss.eval.evaluate import evaluate
+    from wsss.train.loop import train
+
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("eval5"), seed=4, num_train=5, num_val=5, size=64,
+                                  num_classes=3)
+    overrides = TINY + [f"data.root={root}", f"run_dir={tmp_path / 'run'}", "model.method=more",
+                        "model.num_reg_tokens=1", "train.max_iters=2", "train.seg_start=0.5", "train.ckpt_interval=2",
+                        "eval.val_images=0", "eval.train_images=0", "eval.crf=true", "eval.input_size=64",
+                        "eval.protocols=[E1-CAM,E1-LAM,E2,E3,extra-LAM]", "eval.lam_seg_scales=[1.0,0.5]"]
+    ckpt = train(load_config(None, overrides))
+    single = evaluate(load_config(None, overrides), ckpt, tmp_path / "one")["table"]
+    mp.spawn(_eval_worker, args=(2, _free_port(), overrides, str(ckpt), str(tmp_path / "two")), nprocs=2, join=True)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["table"]
+    assert [r["result"] for r in two] == [r["result"] for r in single]
+    assert len(single) == 10  # 4 protocols x (raw, CRF) + the 2 extra rows
+    for a, b in zip(single, two):
+        assert (a["miou"], a["pixel_acc"], a["note"]) == (b["miou"], b["pixel_acc"], b["note"]), a["result"]

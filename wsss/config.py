@@ -8,6 +8,7 @@ valid keys of that section. Train, eval and the benchmarks all use it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,11 +201,13 @@ def _coerce(value: Any, tp, where: str):
         if isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept any numeric spelling
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{where}: expected a float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a float, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite float, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -1,4 +1,7 @@
-"""python -m wsss.eval --cfg CONFIG.yaml --ckpt CHECKPOINT [key.sub=value ...]"""
+"""python -m wsss.eval --cfg CONFIG.yaml --ckpt CHECKPOINT [key.sub=value ...]
+
+Also under ``torchrun --nproc_per_node=N``: the images are sharded over the processes and the
+confusion matrices summed (the result equals one process's); rank 0 writes the report."""
 import argparse
 import sys
 
@@ -6,10 +9,11 @@ from wsss.config import ConfigError, load_config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wsss.eval", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m wsss.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="YAML config file (the run's config.yaml works)")
-    parser.add_argument("--ckpt", required=True, help="checkpoint: written by wsss.train, or the official MoRe (VOC/COCO) or "
-                        "AReAM/MCTformer-V2 release")
+    parser.add_argument("--ckpt", required=True, help="checkpoint: written by wsss.train, or the official MoRe "
+                        "(VOC/COCO) or AReAM/MCTformer-V2 release")
     parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/eval)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.crf=true")
     args = parser.parse_args(argv)
@@ -17,19 +21,35 @@ def main(argv=None) -> int:
         cfg = load_config(args.cfg, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
+    import torch
+    import torch.distributed as dist
+
     from wsss.eval.evaluate import evaluate
+    from wsss.utils.device import resolve_device
+    from wsss.utils.distributed import dist_env
     from wsss.utils.logging import setup_logging
+    from wsss.utils.preflight import PreflightError, gpu_count_problem, raise_if
 
-    from wsss.utils.preflight import PreflightError
-
-    setup_logging(cfg.run_dir, "eval")
+    env = dist_env()
+    setup_logging(cfg.run_dir, "eval", env.rank)
     try:
+        if env.world > 1:
+            device = resolve_device(cfg.device)
+            if device.type == "cuda":
+                raise_if("evaluation", gpu_count_problem(device.type, env.local_world))
+                torch.cuda.set_device(env.local_rank)
+                cfg.device = f"cuda:{env.local_rank}"
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         result = evaluate(cfg, args.ckpt, args.out)
     except PreflightError as e:  # one clear message, no traceback: nothing has run yet
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(result["markdown"])
-    print(f"written to {result['out_dir']}/results.md, results.csv and panels/")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if env.rank == 0:
+        print(result["markdown"])
+        print(f"written to {result['out_dir']}/results.md, results.csv and panels/")
     return 0
 
 
