@@ -6,9 +6,23 @@ without CUDA the Triton kernels run under TRITON_INTERPRET=1 against the referen
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_triton: the test runs a Triton kernel; without triton it fails")
+
+
+def pytest_runtest_setup(item):
+    """Triton is a requirement of the suite (requirements.txt): its absence fails, never skips."""
+    if item.get_closest_marker("needs_triton"):
+        from wsss.kernels import HAS_TRITON
+
+        if not HAS_TRITON:
+            pytest.fail("triton is not installed; the test suite requires it (pip install -r requirements.txt)")
