@@ -116,7 +116,8 @@ def test_more_validation_columns_by_value(tmp_path):
                  decoder_dim=8, num_reg_tokens=1).eval()
     image = torch.randn(3, 32, 32)
     label = torch.zeros(40, 44, dtype=torch.long)
-    item = {"image": image, "label": label, "cls_label": torch.tensor([1.0, 0.0, 1.0])}
+    item = {"image": image, "label": label, "cls_label": torch.tensor([1.0, 0.0, 1.0]),
+            "image_uint8": torch.zeros(40, 44, 3, dtype=torch.uint8)}
     cols = get_method("more").validate(model, item, cfg, torch.device("cpu"))
 
     y = item["cls_label"][None]

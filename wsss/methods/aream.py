@@ -15,7 +15,7 @@ from wsss.data.transforms import denormalize
 from wsss.kernels import masked_sigmoid_affinity_loss_qk
 from wsss.losses import classification_loss
 
-from .base import IGNORE, Method, Protocol, Row, Schedule, bare, make_par
+from .base import IGNORE, Method, Protocol, Row, Schedule, bare, image_size, make_par
 
 
 class AReAMLosses:
@@ -138,7 +138,7 @@ class AReAMMethod(Method):
         """CAM and affinity-refined CAM at ``eval.bkg_thre`` (AReAM has no segmentation head)."""
         image = item["image"][None].to(device)
         y = item["cls_label"][None].to(device)
-        size = tuple(item["label"].shape[-2:])
+        size = image_size(item)
         scales = tuple(cfg.aream.scales)
         cam = multi_scale_maps(model.cams, image, scales, model.patch_size, size, eps=1e-6, flip_merge="sum")
         refined = multi_scale_aream_cam(model, image, scales, cfg.aream.layer_index, _refine_weights(model, cfg),
@@ -207,7 +207,7 @@ class AReAMMethod(Method):
     def panel(self, model, item, cfg, device):
         image = item["image"][None].to(device)
         yy = item["cls_label"][None, :, None, None].to(device)
-        size = item["label"].shape[-2:]
+        size = image_size(item)
         cam = multi_scale_maps(model.cams, image, (1.0,), model.patch_size, size, eps=1e-6, flip_merge="sum")
         refined = multi_scale_aream_cam(model, image, (1.0,), cfg.aream.layer_index, _refine_weights(model, cfg),
                                         out_size=size, impl=cfg.impl)

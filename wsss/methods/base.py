@@ -111,6 +111,12 @@ def bare(model):
     return getattr(model, "module", model)
 
 
+def image_size(item: dict) -> Tuple[int, int]:
+    """(H, W) of a data-set item's original image: the size predictions are made at (labels,
+    when the split has them, have this size too)."""
+    return tuple(item["image_uint8"].shape[:2])
+
+
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     """Normalised images resized to ``size × size`` (bilinear), as the official scripts feed them."""
     if tuple(images.shape[-2:]) == (size, size):

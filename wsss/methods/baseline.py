@@ -12,7 +12,7 @@ from wsss.cam import cam_to_label, multi_scale_cam, normalize_maps, refine_cams_
 from wsss.data.transforms import denormalize
 from wsss.losses import classification_loss, seg_loss
 
-from .base import (IGNORE, Method, Protocol, Row, Schedule, bare, cam_crf_labels, crf_labels, make_par,
+from .base import (IGNORE, Method, Protocol, Row, Schedule, bare, cam_crf_labels, crf_labels, image_size, make_par,
                    resize_square, to_label_size)
 
 
@@ -106,7 +106,7 @@ class BaselineMethod(Method):
     def validate(self, model, item, cfg, device) -> Dict[str, torch.Tensor]:
         image = item["image"][None].to(device)
         y = item["cls_label"][None].to(device)
-        size = tuple(item["label"].shape[-2:])
+        size = image_size(item)
         bkg = cfg.eval.bkg_thre
         cam, cam_aux = multi_scale_cam(model, image, tuple(cfg.cam.scales), out_size=size)
         cols = {"cam": cam_to_label(cam, y, bkg_thre=bkg)[1][0],
@@ -155,7 +155,7 @@ class BaselineMethod(Method):
         def predict(model, item, device):
             x = resize_square(item["image"][None].to(device), S)
             y = item["cls_label"][None].to(device)
-            size = tuple(item["label"].shape[-2:])
+            size = image_size(item)
             maps = to_label_size(self._maps(model, x, kind, scales, (S, S)), size)
             valid, lab = cam_to_label(maps, y, bkg_thre=bkg)
             out = {raw.name: lab[0]}
@@ -176,7 +176,7 @@ class BaselineMethod(Method):
 
         def predict(model, item, device):
             image = item["image"][None].to(device)
-            logits = fused_segmentation_logits(model, image, scales, S, item["label"].shape[-2:])
+            logits = fused_segmentation_logits(model, image, scales, S, image_size(item))
             out = {raw.name: logits.argmax(dim=1)[0]}
             if cfg.eval.crf:
                 out[rows[1].name] = crf_labels(item["image_uint8"], logits[0].softmax(dim=0), cfg)
@@ -195,7 +195,7 @@ class BaselineMethod(Method):
         def predict(model, item, device):
             x = resize_square(item["image"][None].to(device), S)
             y = item["cls_label"][None].to(device)
-            size = tuple(item["label"].shape[-2:])
+            size = image_size(item)
             maps = to_label_size(self._maps(model, x, kind, scales, (S, S)), size)
             out = {swept.name: {t: cam_to_label(maps, y, bkg_thre=t)[1][0] for t in sweep}}
             image = item["image"][None].to(device)  # original size = label size
@@ -209,5 +209,5 @@ class BaselineMethod(Method):
     def panel(self, model, item, cfg, device):
         image = item["image"][None].to(device)
         y = item["cls_label"][None, :, None, None].to(device)
-        cam = multi_scale_cam(model, image, (1.0,), out_size=item["label"].shape[-2:])[0] * y
+        cam = multi_scale_cam(model, image, (1.0,), out_size=image_size(item))[0] * y
         return [cam[0].amax(0).cpu().numpy()], ["CAM"]

@@ -13,7 +13,7 @@ from wsss.kernels import masked_cosine_affinity_loss
 from wsss.losses import (DenseEnergyLoss, classification_loss, cle_loss, seg_loss, token_regularization_loss,
                          une_loss)
 
-from .base import IGNORE, Protocol, Row, Schedule, cam_crf_labels, resize_square, to_label_size
+from .base import IGNORE, Protocol, Row, Schedule, cam_crf_labels, image_size, resize_square, to_label_size
 from .baseline import BaselineMethod, eval_input_size, idle_decoder_term, refined_pseudo_labels, training_cams
 
 
@@ -133,7 +133,7 @@ class MoReMethod(BaselineMethod):
         def predict(model, item, device):
             x = resize_square(item["image"][None].to(device), S)
             y = predicted_image_labels(model, x, S)
-            size = tuple(item["label"].shape[-2:])
+            size = image_size(item)
             maps = to_label_size(self._maps(model, x, "LAM", scales, (S, S)), size)
             valid, lab = cam_to_label(maps, y, bkg_thre=bkg)
             out = {raw.name: lab[0]}
@@ -149,7 +149,7 @@ class MoReMethod(BaselineMethod):
         if getattr(model, "graph_layer", None) is not None:
             image = item["image"][None].to(device)
             y = item["cls_label"][None, :, None, None].to(device)
-            lam = multi_scale_lam(model, image, (1.0,), out_size=item["label"].shape[-2:]) * y
+            lam = multi_scale_lam(model, image, (1.0,), out_size=image_size(item)) * y
             maps.append(lam[0].amax(0).cpu().numpy())
             titles.append("LAM")
         return maps, titles
