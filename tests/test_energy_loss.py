@@ -171,3 +171,37 @@ def test_cuda_matches_cpu():
     assert loss_cuda.device.type == "cuda"
     assert torch.allclose(loss_cuda.cpu(), loss, rtol=1e-4)
     assert torch.allclose(grad_cuda.cpu(), grad, rtol=1e-3, atol=1e-12)
+
+
+def test_preparation_follows_spec_steps_1_to_3_independently():
+    """SPEC §6.1 steps 1-3 written out here without the module's code: de-normalise with the
+    literal ImageNet constants ×255; downscale by 0.5 (image, roi, label nearest = every second
+    pixel; S bilinear without corners = the 2×2 mean); σ_xy 100 → 50; features
+    (x/σ_xy, y/σ_xy, r/σ_rgb, g/σ_rgb, b/σ_rgb) with x the column; gate R − max_k S, 1 where
+    ignored, clamped at 0; S·R."""
+    images, logits, label = inputs(B=2, K=3, H=8, W=10, seed=3)
+    roi = torch.ones(2, 8, 10, dtype=torch.float64)
+    roi[1, :, :4] = 0
+    seg, features, gate = _prepare(images, logits, label, roi, 15.0, 100.0, 0.5, 255, IMAGENET_MEAN, IMAGENET_STD)
+
+    mean = torch.tensor([123.675, 116.28, 103.53], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375], dtype=torch.float64).view(1, 3, 1, 1)
+    rgb = (images * std + mean)[:, :, ::2, ::2]  # nearest at 0.5: source pixel 2i
+    S_full = torch.softmax(logits.detach(), dim=1)
+    S = S_full.reshape(2, 3, 4, 2, 5, 2).mean(dim=(3, 5))  # 2×2 means
+    R = roi[:, ::2, ::2]
+    lab = label[:, ::2, ::2]
+    G = R - S.max(dim=1).values
+    G[lab == 255] = 1.0
+    G = G.clamp_min(0)
+    h, w = 4, 5
+    feats = torch.zeros(2, h, w, 5, dtype=torch.float64)
+    for y in range(h):
+        for x in range(w):
+            feats[:, y, x, 0] = x / 50.0
+            feats[:, y, x, 1] = y / 50.0
+            feats[:, y, x, 2:] = rgb[:, :, y, x] / 15.0
+    torch.testing.assert_close(features, feats.reshape(2, h * w, 5))
+    torch.testing.assert_close(gate, G)
+    torch.testing.assert_close(seg.detach(), S * R[:, None])
+    assert (gate[0][lab[0] == 255] == 1).all() and (gate[1][:, :2] == 0).all()
