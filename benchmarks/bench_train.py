@@ -8,8 +8,8 @@ The step is the real one: the method's VOC config (MoRe ``configs/voc.yaml``: Vi
 448x448, batch 4; AReAM ``configs/voc_aream.yaml``: DeiT-S/16, 224x224, batch 64) through
 ``wsss.config.load_config``, the model of ``wsss.models.build_model``, the optimizer and
 schedule of ``wsss.train.optim``, the method's objective (``wsss.methods``), then
-backward and the optimizer step as in ``wsss.train.loop``. It runs at iteration ``seg_start``
-(AReAM: ``aream.aff_start``), before ``cam2mask``, so every loss of the method is on (MoRe:
+backward and the optimizer step as in ``wsss.train.loop``. It runs at the iteration where every
+loss stage has started (``Schedule.all_losses_from``; AReAM: ``aream.aff_start``), before ``cam2mask``, so every loss of the method is on (MoRe:
 cls, aux, tok, cle, une, ptc, seg, reg; AReAM: cls, patch, aff with the online layer entropies),
 on a synthetic batch of smooth random images with 1–3 random classes each. Two rows per method:
 
@@ -114,7 +114,9 @@ def build_step(args, method: str, impl: str, device):
     if cfg.compile:
         model.backbone.compile()
     model.train()
-    opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_iters)
+    # epoch-based schedules (AReAM's cosine_epoch) need an epoch length: any is fine for timing
+    opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_iters, iters_per_epoch=1,
+                                 global_batch=cfg.train.batch_size)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     schedule = Schedule.from_config(cfg)
     loss_fn = get_method(cfg.model.method).objective(cfg, device)
@@ -123,7 +125,7 @@ def build_step(args, method: str, impl: str, device):
     amp_ctx = autocast(device, cfg.amp)
     batch = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, VOC_CLASSES, device, cfg.seed)
     # first iteration with every loss on: MoRe's seg/energy losses, AReAM's affinity loss
-    step_index = max(schedule.seg_start, getattr(schedule, "aff_start", 0))
+    step_index = max(schedule.all_losses_from, schedule.aff_start)
     names = []
 
     def step():
@@ -250,7 +252,7 @@ def main(argv=None):
         notes.append("- load average at start (1/5/15 min): " + " / ".join(f"{x:.2f}" for x in load))
     notes += [
         "- step: the method's VOC config (MoRe configs/voc.yaml, AReAM configs/voc_aream.yaml with "
-        "aream.entropy=online) at iteration seg_start (AReAM: aff_start), all losses on; loss + backward + "
+        "aream.entropy=online) once every loss stage has started (AReAM: aff_start), all losses on; loss + backward + "
         "AdamW step; "
         f"amp={args.amp}, compile={'true' if args.compile else 'false'}; per row {warmup} warm-up step(s) and "
         f"one memory step, then {iters} timed steps interleaved over the rows, median and min reported; "
@@ -264,7 +266,7 @@ def main(argv=None):
         "after the warm-up minus before the row was built; on CPU the first row also carries one-off library "
         "start-up); CUDA context and allocator cache not included",
         "- projected run: the config's max_iters x median s/it, CUDA only; an upper "
-        "bound (before seg_start / aff_start a step skips the pseudo labels and the losses on them), without "
+        "bound (before the later loss stages / aff_start a step skips the pseudo labels and the losses on them), without "
         "data loading and periodic evaluation; per process, so for one GPU at the config's per-process batch",
     ]
     if any(not r["at_voc"] for r in rows):

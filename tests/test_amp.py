@@ -35,9 +35,9 @@ def test_bf16_more_training_with_all_losses(data_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(method, "build_model", recording_build)
     run = tmp_path / "bf16"
-    # seg_start=0: the PAR-refined segmentation and energy losses run from the first step
+    # seg/reg stages at 0: the PAR-refined segmentation and energy losses run from the first step
     cfg = load_config(None, TINY + [f"data.root={data_root}", f"run_dir={run}", "model.method=more",
-                                    "model.num_reg_tokens=2", "train.max_iters=3", "train.seg_start=0.0",
+                                    "model.num_reg_tokens=2", "train.max_iters=3", "loss.starts.seg=0.0", "loss.starts.reg=0.0",
                                     "train.cam2mask=0.5", "train.ckpt_interval=3", "eval.val_images=1",
                                     "amp=bf16"])
     ckpt_path = loop.train(cfg)

@@ -36,9 +36,9 @@ def data_root(tmp_path_factory):
 
 
 def _overrides(root, run_dir, batch, *extra):
-    # baseline before seg_start: per-image mean losses, so 2 x 2 images == 1 x 4 images exactly
+    # baseline before its seg stage: per-image mean losses, so 2 x 2 images == 1 x 4 images exactly
     return TINY + [f"data.root={root}", f"run_dir={run_dir}", f"train.batch_size={batch}", "model.method=baseline",
-                   "train.max_iters=3", "train.seg_start=1.0", "train.ckpt_interval=2", "train.keep_checkpoints=true",
+                   "train.max_iters=3", "loss.starts.seg=1.0", "train.ckpt_interval=2", "train.keep_checkpoints=true",
                    "model.num_reg_tokens=0", *extra]
 
 
@@ -119,11 +119,11 @@ def test_sharded_validation_equals_one_process(tmp_path_factory, tmp_path, metho
 
 
 @pytest.mark.parametrize("method,extra", [
-    ("more", ["model.num_reg_tokens=2", "train.seg_start=0.5", "train.cam2mask=0.75"]),
+    ("more", ["model.num_reg_tokens=2", "loss.starts.seg=0.5", "loss.starts.reg=0.5", "train.cam2mask=0.75"]),
     ("aream", ["aream.layer_index=2", "aream.aff_start=0.5", "aream.entropy=online"]),
 ])
 def test_every_method_trains_under_ddp_through_all_stages(data_root, tmp_path, method, extra):
-    """Every loss stage (MoRe: before/after seg_start and cam2mask; AReAM: before/after
+    """Every loss stage (MoRe: before/after the seg/reg stage and cam2mask; AReAM: before/after
     aff_start) and a mid-run validation on both ranks: a parameter without a gradient or a rank
     waiting in a collective would stop this run (the loop also checks the replicas agree)."""
     overrides = TINY + [f"data.root={data_root}", f"run_dir={tmp_path}", f"model.method={method}",
@@ -163,7 +163,7 @@ def test_sharded_evaluation_equals_one_process(tmp_path_factory, tmp_path):
     root = make_synthetic_dataset(tmp_path_factory.mktemp("eval5"), seed=4, num_train=5, num_val=5, size=64,
                                   num_classes=3)
     overrides = TINY + [f"data.root={root}", f"run_dir={tmp_path / 'run'}", "model.method=more",
-                        "model.num_reg_tokens=1", "train.max_iters=2", "train.seg_start=0.5", "train.ckpt_interval=2",
+                        "model.num_reg_tokens=1", "train.max_iters=2", "loss.starts.seg=0.5", "train.ckpt_interval=2",
                         "eval.val_images=0", "eval.train_images=0", "eval.crf=true", "eval.input_size=64",
                         "eval.protocols=[E1-CAM,E1-LAM,E2,E3,extra-LAM]", "eval.lam_seg_scales=[1.0,0.5]"]
     ckpt = train(load_config(None, overrides))

@@ -236,10 +236,12 @@ def test_schedule_switches_at_configured_iterations():
     from wsss.config import load_config
     from wsss.methods import Schedule
 
+    # "iterations <= 2 000 without seg/reg" (SPEC §3.6): the first iteration with them is 2 001
     s = Schedule.from_config(load_config(None, ["train.max_iters=20000"]))
-    assert (s.seg_start, s.cam2mask) == (2000, 10000)
-    s = Schedule.from_config(load_config(None, ["train.max_iters=100", "train.seg_start=0.25", "train.cam2mask=0.6"]))
-    assert (s.seg_start, s.cam2mask) == (25, 60)
+    assert (s.loss_starts["seg"], s.loss_starts["reg"], s.loss_starts["ptc"], s.cam2mask) == (2001, 2001, 0, 10000)
+    assert not s.started("seg", 2000) and s.started("seg", 2001) and s.started("ptc", 0)
+    s = Schedule.from_config(load_config(None, ["train.max_iters=100", "loss.starts.seg=0.25", "train.cam2mask=0.6"]))
+    assert (s.loss_starts["seg"], s.cam2mask) == (26, 60)
 
 
 def test_eval_loads_an_official_checkpoint_file(tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import math
 import os
 import shlex
@@ -47,6 +48,7 @@ import torch
 
 from recipe_data import make_coco_public, make_tiny_pretrained, make_voc
 from wsss.config import Config, load_config
+from wsss.methods.base import stage_first_iteration
 from wsss.models.vit import backbone_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,15 +77,23 @@ def _stage_fractions(cfg: Config) -> Dict[str, float]:
     """The loss-stage switches of the method, as fractions of ``train.max_iters``."""
     if cfg.model.method == "aream":
         return {"aream.aff_start": cfg.aream.aff_start} if cfg.aream.w_aff > 0 else {}
-    return {"train.seg_start": cfg.train.seg_start, "train.cam2mask": cfg.train.cam2mask}
+    starts = {f"loss.starts.{k}": f for k, f in dataclasses.asdict(cfg.loss.starts).items() if f > 0}
+    return {**starts, "train.cam2mask": cfg.train.cam2mask}
+
+
+def _first_iteration(key: str, fraction: float, n: int) -> int:
+    """First (0-based) iteration of a stage at ``n`` iterations: a staged loss joins after
+    iteration round(f·n) (``stage_first_iteration``), cam2mask / aff_start at round(f·n)."""
+    return stage_first_iteration(fraction, n) if key.startswith("loss.starts.") else int(round(fraction * n))
 
 
 def _iterations(fractions: Dict[str, float]) -> int:
     """The fewest iterations (>= MIN_ITERS) at which every stage switch of the config, left as
     shipped, falls strictly inside the run: some step before and some step after each (the loop
-    turns a stage on at ``step >= int(round(f * max_iters))``)."""
+    turns cam2mask/aff_start on at ``step >= round(f * max_iters)`` and a staged loss after
+    iteration ``round(f * max_iters)``, see ``_first_iteration``)."""
     for n in range(MIN_ITERS, 2000):
-        if all(1 <= int(round(f * n)) <= n - 1 for f in fractions.values()):
+        if all(1 <= _first_iteration(k, f, n) <= n - 1 for k, f in fractions.items()):
             return n
     raise AssertionError(f"no run length puts every stage switch {fractions} inside the run")
 
@@ -132,7 +142,8 @@ def make_recipe(path: Path) -> Recipe:
         ov.append(f"aream.layer_index={li}")
         ov.append("aream.scales=[1.0]")
     ov += [f"data.crop_size={CROP}", "data.num_workers=0", f"train.batch_size={BATCH}", f"train.max_iters={n}",
-           f"train.eval_interval={eval_every}", f"train.ckpt_interval={eval_every}", "train.log_interval=1",
+           f"train.eval_interval={eval_every}", "train.eval_start=0", f"train.ckpt_interval={eval_every}",
+           "train.log_interval=1",
            "train.keep_checkpoints=true", "cam.scales=[1.0]", "cam.par_dilations=[1,2]", "cam.par_iters=2",
            "eval.scales=[1.0]", "eval.cam_scales=[1.0]", "eval.lam_seg_scales=[1.0]", f"eval.input_size={CROP}",
            f"eval.val_images={NUM_VAL}", "eval.train_images=2",
@@ -150,7 +161,7 @@ def make_recipe(path: Path) -> Recipe:
             ov.append("model.pretrained={pretrained}")
         else:
             links[cfg.model.pretrained] = "pretrained"
-    switches = {k: int(round(f * n)) for k, f in fractions.items()}
+    switches = {k: _first_iteration(k, f, n) for k, f in fractions.items()}
     return Recipe(path, cfg, n, eval_every, switches, ov, links)
 
 
@@ -359,7 +370,13 @@ def _check_training(recipe: Recipe, run: Path) -> None:
     for step in (e, n):
         assert f"step {step} validation mIoU" in log, f"train.log has no validation mIoU at step {step}:\n{_tail(log)}"
     m = read_metrics(run)
-    val_steps = {s for k, v in m.items() if k.startswith("val/") for s in v}
+    # AReAM's per-epoch val/mAP (SPEC §5, checkpoint_best) is logged every epoch, apart from
+    # the periodic mIoU validation
+    epoch_rows = {"val/mAP"}
+    if recipe.cfg.model.method == "aream" and recipe.cfg.aream.epoch_map:
+        assert m.get("val/mAP"), "AReAM logged no per-epoch val/mAP"
+        assert (run / "checkpoint_best.pt").is_file(), "AReAM wrote no checkpoint_best.pt"
+    val_steps = {s for k, v in m.items() if k.startswith("val/") and k not in epoch_rows for s in v}
     assert val_steps == {e, n}, f"validation rows at steps {sorted(val_steps)}, expected one periodic ({e}) + final ({n})"
     assert sorted(m["loss/total"]) == list(range(1, n + 1)), f"loss/total logged at {sorted(m['loss/total'])}"
     assert all(math.isfinite(v) for v in m["loss/total"].values())
@@ -369,8 +386,8 @@ def _check_training(recipe: Recipe, run: Path) -> None:
         first = recipe.switches["aream.aff_start"]
         assert set(m.get("loss/aff", {})) == set(range(first + 1, n + 1)), \
             f"loss/aff at {sorted(m.get('loss/aff', {}))}, expected from iteration {first}"
-    if recipe.cfg.model.method == "more" and recipe.cfg.loss.w_reg > 0:
-        first = recipe.switches["train.seg_start"]
+    if recipe.cfg.model.method == "more" and recipe.cfg.loss.w_reg > 0 and "loss.starts.reg" in recipe.switches:
+        first = recipe.switches["loss.starts.reg"]
         assert set(m.get("loss/reg", {})) == set(range(first + 1, n + 1)), \
             f"loss/reg at {sorted(m.get('loss/reg', {}))}, expected from iteration {first}"
 
@@ -414,8 +431,8 @@ def _check_validation_matches_one_process(recipe: Recipe, w1_run: Path, validate
     Comparing two trainings instead would not be meaningful for MoRe/AReAM: their losses are not
     per-image means, so 1 x 2b and 2 x b images do not give the same weights."""
     n = recipe.iters
-    ref = {k: v[n] for k, v in read_metrics(w1_run).items() if k.startswith("val/") and n in v}
-    got = {k: v[n] for k, v in read_metrics(validated).items() if k.startswith("val/") and n in v}
+    ref = {k: v[n] for k, v in read_metrics(w1_run).items() if k.startswith("val/") and k != "val/mAP" and n in v}
+    got = {k: v[n] for k, v in read_metrics(validated).items() if k.startswith("val/") and k != "val/mAP" and n in v}
     assert ref, f"no val/ rows at step {n} in {w1_run / 'metrics.csv'}"
     assert set(got) == set(ref), f"2-process validation rows {sorted(got)} != 1-process rows {sorted(ref)}"
     # 1e-4: both sides run the same arithmetic, but with 1 vs 2 threads per process; a dropped or

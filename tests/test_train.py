@@ -39,7 +39,7 @@ def test_smoke_run_and_eval(data_root, tmp_path, method):
 
     run = tmp_path / method
     cfg = _cfg(data_root, run, f"model.method={method}", "model.num_reg_tokens=2", "train.max_iters=4",
-               "train.seg_start=0.5", "train.cam2mask=0.5", "train.ckpt_interval=4")
+               "loss.starts.seg=0.5", "loss.starts.reg=0.5", "train.cam2mask=0.5", "train.ckpt_interval=4")
     ckpt = train(cfg)
     assert ckpt.is_file() and (run / "config.yaml").is_file() and (run / "train.log").is_file()
     losses = _losses(run)
@@ -56,8 +56,8 @@ def test_smoke_run_and_eval(data_root, tmp_path, method):
 def test_resume_gives_the_same_next_steps(data_root, tmp_path):
     from wsss.train.loop import train
 
-    common = ["model.method=more", "model.num_reg_tokens=2", "train.max_iters=4", "train.seg_start=0.5",
-              "train.cam2mask=0.75", "train.ckpt_interval=2", "train.keep_checkpoints=true"]
+    common = ["model.method=more", "model.num_reg_tokens=2", "train.max_iters=4", "loss.starts.seg=0.5",
+              "loss.starts.reg=0.5", "train.cam2mask=0.75", "train.ckpt_interval=2", "train.keep_checkpoints=true"]
     full = tmp_path / "full"
     train(_cfg(data_root, full, *common))
     resumed = tmp_path / "resumed"

@@ -159,19 +159,22 @@ def normalize_entropy(entropy: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_entropy_bits(cam: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cls_label: torch.Tensor,
-                       scale: Optional[float] = None, impl: str = "auto") -> torch.Tensor:
+                       scale: Optional[float] = None, impl: str = "auto", normalize: bool = True) -> torch.Tensor:
     """Entropy in bits of each layer's CAM re-activation (SPEC §5, paper eqs. 7–8), (L,B).
 
     ``cam`` (B,C,h,w) ≥ 0 at token resolution, ``q``/``k`` (L,B,Hd,C+N,dh) with the C class
-    tokens first. Per layer: the CAMs of the present classes, normalised per map, are
-    re-activated by that layer's head-mean patch-to-patch attention, summed over classes and
-    soft-maxed over the N positions; the entropy of that distribution is returned.
+    tokens first. Per layer: the CAMs of the present classes are re-activated by that layer's
+    head-mean patch-to-patch attention (softmax over all C+N keys, then the patch block), summed
+    over classes and soft-maxed over the N positions; the entropy of that distribution is
+    returned. ``normalize``: the CAMs are first normalised per map (the paper's M̂; the online
+    estimate); the official offline ``ent_voc_mctformer.py`` uses the raw CAM (``False``).
     """
     from wsss.kernels import propagate_cam_qk
 
     _check_maps("cam", cam, cls_label)
     C = cam.shape[1]
-    masked = normalize_maps(cam.float()) * cls_label[:, :, None, None].float()
+    maps = normalize_maps(cam.float()) if normalize else cam.float()
+    masked = maps * cls_label[:, :, None, None].float()
     out = []
     for layer in range(q.shape[0]):
         refined = propagate_cam_qk(masked, q[layer:layer + 1], k[layer:layer + 1], C, scale=scale, impl=impl)

@@ -29,7 +29,8 @@ class DataConfig:
     train_split: str = "train_aug"
     val_split: str = "val"
     crop_size: int = 448
-    aug: str = "more"  # more (random-resized crop) | toco (rescale + crop with ignore fill)
+    aug: str = "more"  # more (random-resized crop) | toco (rescale + crop with ignore fill) | coco (SPEC §3.0)
+    # | timm (AReAM, SPEC §5: timm's ImageNet training transform)
     num_workers: int = 4
     eval_resize: int = 0  # periodic validation resizes images to this size (0 = crop_size)
 
@@ -61,21 +62,49 @@ class OptimConfig:
     warmup: float = 0.075  # fraction of max_iters with linear warm-up (1 500 / 20 000)
     warmup_ratio: float = 1e-6
     power: float = 0.9  # poly schedule exponent
-    schedule: str = "poly"  # poly (MoRe) | cosine (AReAM/MCTformer)
+    schedule: str = "poly"  # poly (MoRe) | cosine (per iteration) | cosine_epoch (AReAM, SPEC §5)
     min_lr_ratio: float = 0.0  # cosine: the lr decays to min_lr_ratio x base lr
+    # AReAM / MCTformer (SPEC §5, the official run script with timm's functions):
+    groups: str = "model"  # model: the model's param_groups() (MoRe's five, head_lr_mult) | no_decay: timm's
+    # param_groups_weight_decay (weight decay 0 for biases, 1-D norm weights and model.no_weight_decay())
+    lr_base_batch: int = 0  # > 0: the lr is lr x global batch / lr_base_batch (DeiT: 5e-4 x batch / 512)
+    # cosine_epoch: timm's CosineLRScheduler in epochs, its value changing once per epoch
+    warmup_epochs: int = 0  # linear warm-up epochs from warmup_lr
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0  # the cosine's end value (absolute, not a ratio)
 
 
 @dataclass
 class TrainConfig:
     max_iters: int = 20000
     batch_size: int = 4  # per process; global batch = batch_size x world size
-    seg_start: float = 0.1  # fraction of max_iters after which seg/reg losses join (2 000)
     cam2mask: float = 0.5  # fraction after which CLE/UNE use the main labels (10 000)
     log_interval: int = 50
     eval_interval: int = 2000
+    eval_start: float = 0.0  # periodic validation only from this fraction of max_iters on (COCO: 60 000)
     ckpt_interval: int = 2000
     keep_checkpoints: bool = False  # also keep checkpoint_<step>.pt beside the latest checkpoint.pt
     grad_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class LossStarts:
+    """When each staged loss joins (SPEC §3.0, §3.6), as a fraction f of ``train.max_iters``: the
+    iterations ``<= round(f * max_iters)`` (0-based) run without the term, as the official
+    ``if n_iter <= start`` warm-up tests; f = 0 adds it from the first iteration. cls, aux and tok
+    always run. The weights stay in ``loss.w_*``. VOC: seg/reg after 2 000 of 20 000."""
+
+    ptc: float = 0.0
+    cle: float = 0.0
+    une: float = 0.0
+    seg: float = 0.1
+    reg: float = 0.1
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise ConfigError(f"loss.starts.{f.name}: a fraction of train.max_iters >= 0, "
+                                  f"got {getattr(self, f.name)!r}")
 
 
 @dataclass
@@ -87,17 +116,17 @@ class LossConfig:
     w_une: float = 0.1
     w_seg: float = 0.12
     w_reg: float = 0.05
-    temp: float = 0.5  # CLE/UNE temperature
+    starts: LossStarts = field(default_factory=LossStarts)
+    cle_temp: float = 0.5  # CLE temperature (UNE has none, SPEC §3.6)
     tok_temp: float = 0.07
     reg_weight: float = 1e-7  # DenseEnergyLoss internal weight
     reg_sigma_rgb: float = 15.0
     reg_sigma_xy: float = 100.0
     reg_scale: float = 0.5
-    # Token-resolution pseudo labels (ignore_mid high/low) of SPEC §3 step 5.
+    # Token-resolution pseudo labels (ignore_mid high/low) of SPEC §3 step 5. The aux labels of
+    # UNE (before cam2mask) and ptc use cam.high_thre / cam.low_thre, as the refined labels do.
     cle_high: float = 0.5  # CLE labels from the aux CAM before cam2mask
     cle_low: float = 0.25
-    aux_high: float = 0.7  # UNE labels (before cam2mask) and ptc labels from the aux CAM
-    aux_low: float = 0.25
     main_high: float = 0.6  # CLE/UNE labels from the main CAM after cam2mask
     main_low: float = 0.35
 
@@ -115,6 +144,7 @@ class AReAMConfig:
     entropy_file: str = ""  # written by python -m wsss.tools.layer_entropy
     entropy_momentum: float = 0.9  # online: weight of the old estimate in the running mean
     scales: List[float] = field(default_factory=lambda: [1.0])  # pseudo-label pass in training (+ flip)
+    epoch_map: bool = True  # each epoch: val mAP of the class scores; the best epoch -> checkpoint_best.pt
 
 
 @dataclass
@@ -174,9 +204,10 @@ class Config:
 
 _CHOICES = {
     "data.dataset": ("voc", "coco"),
-    "data.aug": ("more", "toco"),
+    "data.aug": ("more", "toco", "coco", "timm"),
     "aream.entropy": ("offline", "online", "none"),
-    "optim.schedule": ("poly", "cosine"),
+    "optim.schedule": ("poly", "cosine", "cosine_epoch"),
+    "optim.groups": ("model", "no_decay"),
     "amp": ("off", "bf16", "fp16"),
     "impl": ("auto", "reference", "triton"),
 }

@@ -1,6 +1,6 @@
 """Image normalisation and the training augmentations of SPEC §1.
 
-Two pipelines, both driven only by the ``np.random.Generator`` passed per call so that an
+The pipelines, all driven only by the ``np.random.Generator`` passed per call so that an
 item's augmentation is a pure function of (seed, epoch, index):
 
 - ``"more"`` (MoRe, default): random-resized crop to S×S (area scale [0.32, 1], aspect ratio
@@ -9,6 +9,12 @@ item's augmentation is a pure function of (seed, epoch, index):
 - ``"toco"`` (ToCo): rescale by a random factor in [0.5, 2], flip, photometric distortion,
   normalise, random S×S crop padded with the mean colour (0 after normalisation); the padded
   area has ``valid=False`` and label ``ignore_index``.
+- ``"timm"`` (AReAM, SPEC §5): timm's ImageNet training transform with the official arguments
+  (:mod:`wsss.data.timm_transforms`; its global RNGs seeded from the per-item generator).
+- ``"coco"`` (MoRe's COCO script, SPEC §3.0): colour jitter with p=0.8, rescale both sides by one
+  factor in [0.32, 1] (bilinear), flip, random S×S crop padded with black (uint8 0, before the
+  normalisation); the padding stays ``valid`` (the official loop passes no crop box), its label
+  is ``ignore_index``.
 
 A segmentation label, when given, undergoes the same geometry (nearest neighbour).
 """
@@ -26,7 +32,7 @@ from PIL import Image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-AUG_MODES = ("more", "toco")
+AUG_MODES = ("more", "toco", "timm", "coco")
 # SPEC §1: MoRe's random-resized crop and colour jitter.
 RRC_AREA_SCALE = (0.32, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -38,6 +44,10 @@ PHOTO_BRIGHTNESS_DELTA = 32.0
 PHOTO_CONTRAST_RANGE = (0.5, 1.5)
 PHOTO_SATURATION_RANGE = (0.5, 1.5)
 PHOTO_HUE_DELTA = 18  # OpenCV hue units (0..180)
+# SPEC §3.0: MoRe's COCO augmentation (same jitter strengths as §1, applied more often).
+COCO_SCALE_RANGE = (0.32, 1.0)  # one rescale factor for both sides
+COCO_JITTER_P = 0.8
+COCO_PAD_VALUE = 0  # black, in uint8 space
 
 
 def _check_image(img) -> np.ndarray:
@@ -145,10 +155,10 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 
 class TrainTransform:
-    """Training augmentation (SPEC §1); see the module docstring for the two modes.
+    """Training augmentation (SPEC §1); see the module docstring for the modes.
 
     ``scale_range`` is the crop's area fraction in mode ``"more"`` (default (0.32, 1.0)) and the
-    rescale factor in mode ``"toco"`` (default (0.5, 2.0)).
+    rescale factor in modes ``"toco"`` (default (0.5, 2.0)) and ``"coco"`` (default (0.32, 1.0)).
 
     ``__call__(image, rng, label=None)`` takes a uint8 (H,W,3) RGB array and returns
     ``(image (3,S,S) float32 normalised, valid (S,S) bool, label (S,S) int64 or None)``.
@@ -161,7 +171,7 @@ class TrainTransform:
         if not isinstance(crop_size, (int, np.integer)) or crop_size < 1:
             raise ValueError(f"crop_size must be a positive int, got {crop_size!r}")
         if scale_range is None:
-            scale_range = RRC_AREA_SCALE if mode == "more" else TOCO_SCALE_RANGE
+            scale_range = {"more": RRC_AREA_SCALE, "coco": COCO_SCALE_RANGE}.get(mode, TOCO_SCALE_RANGE)
         lo, hi = (float(v) for v in scale_range)
         if not 0 < lo <= hi or (mode == "more" and hi > 1):
             limit = "(0, 1]" if mode == "more" else "(0, inf)"
@@ -172,15 +182,24 @@ class TrainTransform:
         self.mode = mode
         self.scale_range = (lo, hi)
         self.ignore_index = int(ignore_index)
+        self._timm = None
+        if mode == "timm":  # AReAM (SPEC §5): timm's ImageNet transform, seeded per item
+            from .timm_transforms import TimmTrainTransform
+
+            self._timm = TimmTrainTransform(self.crop_size)
 
     def __repr__(self) -> str:
         return f"TrainTransform(crop_size={self.crop_size}, mode={self.mode!r}, scale_range={self.scale_range})"
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator, label=None):
+        if self._timm is not None:
+            return self._timm(image, rng, label)
         image = _check_image(image)
         lab = None if label is None else _label_to_pil(label, image.shape[:2])
         if self.mode == "more":
             return self._more(image, rng, lab)
+        if self.mode == "coco":
+            return self._coco(image, rng, lab)
         return self._toco(image, rng, lab)
 
     def _more(self, image, rng, lab):
@@ -228,3 +247,31 @@ class TrainTransform:
             out_label = full[cy:cy + S, cx:cx + S].clone()
         crop = (slice(cy, cy + S), slice(cx, cx + S))
         return canvas[:, crop[0], crop[1]].clone(), valid[crop].clone(), out_label
+
+    def _coco(self, image, rng, lab):
+        S = self.crop_size
+        img = Image.fromarray(image)
+        if rng.random() < COCO_JITTER_P:
+            img = color_jitter(img, rng)
+        r = rng.uniform(*self.scale_range)
+        h, w = max(1, int(img.height * r + 0.5)), max(1, int(img.width * r + 0.5))
+        img = img.resize((w, h), Image.BILINEAR)
+        if lab is not None:
+            lab = lab.resize((w, h), Image.NEAREST)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            lab = None if lab is None else lab.transpose(Image.FLIP_LEFT_RIGHT)
+        # the image at a random offset in a black canvas of at least S×S, then a random S×S crop
+        Hc, Wc = max(h, S), max(w, S)
+        py, px = int(rng.integers(0, Hc - h + 1)), int(rng.integers(0, Wc - w + 1))
+        cy, cx = int(rng.integers(0, Hc - S + 1)), int(rng.integers(0, Wc - S + 1))
+        canvas = np.full((Hc, Wc, 3), COCO_PAD_VALUE, dtype=np.uint8)
+        canvas[py:py + h, px:px + w] = np.asarray(img)
+        x = normalize(canvas[cy:cy + S, cx:cx + S])
+        valid = torch.ones(S, S, dtype=torch.bool)  # padding included: no crop box (SPEC §3.0)
+        out_label = None
+        if lab is not None:
+            full = np.full((Hc, Wc), self.ignore_index, dtype=np.int64)
+            full[py:py + h, px:px + w] = np.asarray(lab)
+            out_label = torch.from_numpy(full[cy:cy + S, cx:cx + S].copy())
+        return x, valid, out_label

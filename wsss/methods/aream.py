@@ -16,6 +16,7 @@ from wsss.kernels import masked_sigmoid_affinity_loss_qk
 from wsss.losses import classification_loss
 
 from .base import IGNORE, Method, Protocol, Row, Schedule, bare, image_size, make_par
+from .export import Export
 
 
 class AReAMLosses:
@@ -43,7 +44,11 @@ class AReAMLosses:
 
     @torch.no_grad()
     def pseudo_labels(self, model, images, y, valid, cfg) -> torch.Tensor:
-        """Entropy-weighted affinity-refined CAM → PAR with the two background scores (B,H,W)."""
+        """Entropy-weighted affinity-refined CAM → PAR with the two background scores (B,H,W).
+
+        ``images`` are the augmented training batch (timm's transform with random erasing, as the
+        official code feeds them); the model stays in training mode, so stochastic depth is
+        active in this no-grad pass too (SPEC §5)."""
         a = cfg.aream
         refine_w, _ = model.layer_weights(a.entropy)
         cam = multi_scale_aream_cam(model, images, tuple(a.scales), a.layer_index, refine_w, impl=cfg.impl)
@@ -111,6 +116,7 @@ def official_pseudo_label_maps(model, image: torch.Tensor, impl: str = "auto") -
 
 class AReAMMethod(Method):
     name = "aream"
+    best_metric = "mAP"  # of epoch_end: the official checkpoint_best.pth
 
     def build_model(self, model_cfg, num_classes: int):
         from wsss.models import AReAM
@@ -133,6 +139,27 @@ class AReAMMethod(Method):
 
     def describe_schedule(self, schedule: Schedule) -> str:
         return f"affinity loss from iteration {schedule.aff_start}"
+
+    def epoch_end(self, model, val_ds, cfg, device) -> Dict[str, float]:
+        """SPEC §5 (official ``main_voc_mctformer.py``): each epoch the val split's multi-label
+        mAP of σ(class logits), each image as the official evaluation transform gives it (short
+        side to S·256/224 bicubic, centre crop S = ``data.crop_size``); the first
+        ``eval.val_images`` images (0 = all). The best epoch becomes ``checkpoint_best.pt``."""
+        if not cfg.aream.epoch_map:
+            return {}
+        from wsss.data.timm_transforms import timm_eval_transform
+        from wsss.eval.multilabel import mean_image_average_precision
+        from wsss.utils.device import autocast
+
+        net = bare(model)
+
+        def predict(images):
+            with autocast(device, cfg.amp):
+                return net(images).cls_logits
+
+        return {"mAP": mean_image_average_precision(predict, val_ds, timm_eval_transform(cfg.data.crop_size), device,
+                                                    max_images=cfg.eval.val_images,
+                                                    batch_size=cfg.train.batch_size)}
 
     def validate(self, model, item, cfg, device) -> Dict[str, torch.Tensor]:
         """CAM and affinity-refined CAM at ``eval.bkg_thre`` (AReAM has no segmentation head)."""
@@ -203,6 +230,28 @@ class AReAMMethod(Method):
             return out
 
         return Protocol("analysis", "train", rows + layer_rows, predict, "wsss analysis rows (not official)")
+
+    def exports(self, cfg) -> Dict[str, Export]:
+        """``pseudo-labels``: the training-time pseudo labels (as ``AReAMLosses.pseudo_labels``) of
+        an image with ground-truth image labels, at its original size, the network in eval mode (no
+        stochastic depth). Nothing for unlabelled images: AReAM has no segmentation head."""
+        a = cfg.aream
+
+        def predict(model, item, device, row: str):
+            image = item["image"][None].to(device)
+            y = item["cls_label"][None].to(device)
+            cam = multi_scale_aream_cam(model, image, tuple(a.scales), a.layer_index, _refine_weights(model, cfg),
+                                        impl=cfg.impl)
+            if row == "raw":
+                return cam_to_label(cam, y, bkg_thre=cfg.eval.bkg_thre)[1][0]
+            return refine_cams_with_bkg(denormalize(image), cam * y[:, :, None, None], y, a.score_h, a.score_l,
+                                        ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))[0]
+
+        rows = {"par": f"AReAM CAM (aream.scales {list(a.scales)} + flip) → PAR with background scores "
+                       f"{a.score_h:g} / {a.score_l:g}, {IGNORE} where uncertain (the training's labels)",
+                "raw": f"AReAM CAM, bkg {cfg.eval.bkg_thre:g}"}
+        return {"pseudo-labels": Export("pseudo-labels", rows, predict, needs_image_labels=True,
+                                        description="training-time pseudo labels")}
 
     def panel(self, model, item, cfg, device):
         image = item["image"][None].to(device)

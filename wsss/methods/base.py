@@ -9,7 +9,7 @@ machinery (CAM utilities, PAR, losses, kernels) stays in ``wsss.cam``, ``wsss.lo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -49,19 +49,37 @@ class Protocol:
     description: str = ""
 
 
+def stage_first_iteration(fraction: float, max_iters: int) -> int:
+    """First (0-based) iteration of a loss stage given as ``loss.starts`` gives it: the iterations
+    ``<= round(fraction * max_iters)`` run without the term (the official ``n_iter <= start``
+    tests, SPEC §3.0/§3.6); fraction 0 = from iteration 0."""
+    return 0 if fraction == 0 else int(round(fraction * max_iters)) + 1
+
+
 @dataclass
 class Schedule:
     """Iteration thresholds derived from the fractions in the config."""
 
-    seg_start: int
-    cam2mask: int
+    loss_starts: Dict[str, int] = field(default_factory=dict)  # staged loss -> its first iteration
+    cam2mask: int = 0  # MoRe: first iteration whose CLE/UNE labels come from the main CAM
     aff_start: int = 0  # AReAM: first iteration with the affinity loss
 
     @classmethod
     def from_config(cls, cfg) -> "Schedule":
         n = cfg.train.max_iters
-        return cls(seg_start=int(round(cfg.train.seg_start * n)), cam2mask=int(round(cfg.train.cam2mask * n)),
+        starts = {f.name: stage_first_iteration(getattr(cfg.loss.starts, f.name), n)
+                  for f in fields(cfg.loss.starts)}
+        return cls(loss_starts=starts, cam2mask=int(round(cfg.train.cam2mask * n)),
                    aff_start=int(round(cfg.aream.aff_start * n)))
+
+    def started(self, loss: str, step: int) -> bool:
+        """Whether the staged ``loss`` is part of the objective at iteration ``step`` (0-based)."""
+        return step >= self.loss_starts.get(loss, 0)
+
+    @property
+    def all_losses_from(self) -> int:
+        """The first iteration at which every staged loss has started."""
+        return max(self.loss_starts.values(), default=0)
 
 
 class Method:
@@ -98,6 +116,24 @@ class Method:
     def panel(self, model, item: dict, cfg, device) -> Tuple[List, List[str]]:
         """(maps to show as heat maps, their titles) for the evaluation panels of one item."""
         return [], []
+
+    # The ``epoch_end`` metric whose best (largest) value selects ``checkpoint_best.pt``; "" = none.
+    best_metric = ""
+
+    def epoch_end(self, model, val_ds, cfg, device) -> Dict[str, float]:
+        """Metrics after every training epoch (the loop puts the model in eval mode and logs them
+        as ``val/<name>``; AReAM: the val mAP, SPEC §5). Every rank calls it and must return the
+        values one process would: shard the images and reduce inside. Default: none."""
+        return {}
+
+    def exports(self, cfg) -> Dict[str, "Export"]:  # noqa: F821 (wsss.methods.export.Export)
+        """What ``python -m wsss.infer`` can write for ``cfg``, by name (``wsss.methods.export``)."""
+        return {}
+
+    def default_export(self, cfg):
+        """The export that segments images without image-level labels (val/test, a folder), or
+        None when the method has no such output (no segmentation head)."""
+        return None
 
 
 # -- pieces shared by the CAM-based methods ---------------------------------------------------

@@ -1,6 +1,7 @@
 """The single-stage CAM → PAR → segmentation baseline MoRe extends (``model.method=baseline``):
 the MoRe network without GCR, trained with the classification and auxiliary classification
-losses, and after ``seg_start`` the segmentation head on PAR-refined CAM pseudo labels."""
+losses, and once its stage starts (``loss.starts.seg``) the segmentation head on PAR-refined CAM
+pseudo labels."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -14,10 +15,11 @@ from wsss.losses import classification_loss, seg_loss
 
 from .base import (IGNORE, Method, Protocol, Row, Schedule, bare, cam_crf_labels, crf_labels, image_size, make_par,
                    resize_square, to_label_size)
+from .export import Export, protocol_export
 
 
 def idle_decoder_term(out) -> torch.Tensor:
-    """Zero that still depends on the decoder: before ``seg_start`` every parameter must take
+    """Zero that still depends on the decoder: before the seg stage every parameter must take
     part in the loss so DDP's gradient all-reduce sees the same set on every step."""
     return out.seg_logits.sum() * 0.0
 
@@ -41,7 +43,7 @@ def refined_pseudo_labels(images, cam, cls_label, valid, cfg):
 
 def baseline_losses(model, batch, step: int, cfg, schedule: Schedule, amp_ctx) -> Dict[str, torch.Tensor]:
     images, cls_label, valid = batch["image"], batch["cls_label"], batch["valid"]
-    seg_on = step >= schedule.seg_start and cfg.loss.w_seg > 0
+    seg_on = schedule.started("seg", step) and cfg.loss.w_seg > 0
     with amp_ctx:
         out = model(images, with_score_maps=False)
     losses = {"cls": classification_loss(out.cls_logits, cls_label),
@@ -79,6 +81,16 @@ def fused_segmentation_logits(model, image: torch.Tensor, scales, base_size: int
     return fused
 
 
+@torch.no_grad()
+def par_pseudo_labels(image: torch.Tensor, maps: torch.Tensor, y: torch.Tensor, cfg) -> torch.Tensor:
+    """The training's refinement (SPEC §3 steps 2–3) of evaluation maps at the image size: the
+    label-masked maps → PAR with the background scores ``cam.high_thre`` / ``cam.low_thre``.
+    ``image`` (1,3,H,W) normalised; (1,H,W) labels, IGNORE where uncertain."""
+    return refine_cams_with_bkg(denormalize(image), maps * y[:, :, None, None], y, cfg.cam.high_thre,
+                                cfg.cam.low_thre, ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale,
+                                par=make_par(cfg))
+
+
 def _present(y: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(y > 0).flatten()
 
@@ -100,7 +112,7 @@ class BaselineMethod(Method):
         return baseline_losses
 
     def describe_schedule(self, schedule: Schedule) -> str:
-        return f"seg loss from iteration {schedule.seg_start}"
+        return f"seg loss from iteration {schedule.loss_starts.get('seg', 0)}"
 
     # -- periodic validation: the official columns (SPEC §4) ------------------------------------
     def validate(self, model, item, cfg, device) -> Dict[str, torch.Tensor]:
@@ -142,6 +154,14 @@ class BaselineMethod(Method):
         if kind == "CAM":
             return multi_scale_cam(model, x, scales, out_size=size)[0]
         raise ValueError(kind)
+
+    def _item_maps(self, model, item, device, kind: str, cfg):
+        """(E1's CAM/LAM of one item at its image size (1,C,H,W), its image labels (1,C)): the
+        image resized to the square input size, ``eval.cam_scales`` + flip (SPEC §4)."""
+        S = eval_input_size(cfg)
+        x = resize_square(item["image"][None].to(device), S)
+        maps = to_label_size(self._maps(model, x, kind, tuple(cfg.eval.cam_scales), (S, S)), image_size(item))
+        return maps, item["cls_label"][None].to(device)
 
     def _e1(self, cfg, kind: str) -> Protocol:
         """E1 pseudo-label quality (train, ground-truth image labels, SPEC §4)."""
@@ -187,24 +207,37 @@ class BaselineMethod(Method):
     def _extra(self, cfg, kind: str) -> Protocol:
         """Not an official protocol: the best background threshold of a sweep, and the PAR
         refinement the training uses (uncertain pixels scored as background)."""
-        scales, sweep = tuple(cfg.eval.cam_scales), tuple(float(t) for t in cfg.eval.bkg_sweep)
-        S = eval_input_size(cfg)
+        sweep = tuple(float(t) for t in cfg.eval.bkg_sweep)
         swept = Row(f"extra: {kind} pseudo labels, best threshold (train)", f"sweep {list(sweep)}", sweep=sweep)
         par = Row(f"extra: {kind} + PAR pseudo labels (train)", f"high {cfg.cam.high_thre:g} / low {cfg.cam.low_thre:g}")
 
         def predict(model, item, device):
-            x = resize_square(item["image"][None].to(device), S)
-            y = item["cls_label"][None].to(device)
-            size = image_size(item)
-            maps = to_label_size(self._maps(model, x, kind, scales, (S, S)), size)
+            maps, y = self._item_maps(model, item, device, kind, cfg)
             out = {swept.name: {t: cam_to_label(maps, y, bkg_thre=t)[1][0] for t in sweep}}
-            image = item["image"][None].to(device)  # original size = label size
-            lab = refine_cams_with_bkg(denormalize(image), maps * y[:, :, None, None], y, cfg.cam.high_thre,
-                                       cfg.cam.low_thre, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
+            lab = par_pseudo_labels(item["image"][None].to(device), maps, y, cfg)
             out[par.name] = torch.where(lab == IGNORE, 0, lab)[0]
             return out
 
         return Protocol(f"extra-{kind}", "train", [swept, par], predict, "threshold sweep and PAR (not official)")
+
+    # -- what python -m wsss.infer writes (wsss.methods.export) ----------------------------------
+    def exports(self, cfg) -> Dict[str, Export]:
+        return {"E1-CAM": self._e1_export(cfg, "CAM"), "E3": protocol_export(self._e3, cfg, needs_image_labels=False)}
+
+    def default_export(self, cfg):
+        return "E3"
+
+    def _e1_export(self, cfg, kind: str) -> Export:
+        """E1's rows, and ``par``: the ``extra-{kind}`` PAR labels with the uncertain pixels kept as
+        IGNORE (the pseudo labels of a second-stage network)."""
+
+        def par(model, item, device):
+            maps, y = self._item_maps(model, item, device, kind, cfg)
+            return par_pseudo_labels(item["image"][None].to(device), maps, y, cfg)[0]
+
+        note = (f"E1 {kind} → PAR with background scores {cfg.cam.high_thre:g} / {cfg.cam.low_thre:g}, "
+                f"{IGNORE} where uncertain")
+        return protocol_export(lambda c: self._e1(c, kind), cfg, needs_image_labels=True, extra={"par": (note, par)})
 
     def panel(self, model, item, cfg, device):
         image = item["image"][None].to(device)

@@ -15,6 +15,7 @@ from wsss.losses import (DenseEnergyLoss, classification_loss, cle_loss, seg_los
 
 from .base import IGNORE, Protocol, Row, Schedule, cam_crf_labels, image_size, resize_square, to_label_size
 from .baseline import BaselineMethod, eval_input_size, idle_decoder_term, refined_pseudo_labels, training_cams
+from .export import protocol_export
 
 
 def _token_labels(cam, cls_label, size, high, low):
@@ -22,9 +23,30 @@ def _token_labels(cam, cls_label, size, high, low):
     return cam_to_label(cam, cls_label, high_thre=high, low_thre=low, ignore_mid=True, ignore_index=IGNORE)[1]
 
 
+STAGED_LOSSES = ("ptc", "cle", "une", "seg", "reg")  # the fields of config.LossStarts
+TOKEN_LOSSES = ("cle", "une", "ptc")  # on the token-resolution pseudo labels (SPEC §3 step 5)
+PIXEL_LOSSES = ("seg", "reg")  # on the PAR-refined full-resolution label (SPEC §3 step 3)
+
+
+def active_weights(loss_cfg, schedule: Schedule, step: int) -> Dict[str, float]:
+    """The terms of MoRe's total loss at iteration ``step`` (0-based) and their weights (SPEC §3.6,
+    COCO's stages §3.0): cls, aux and tok always, each staged term once ``schedule`` has started
+    it. A started term of weight 0 is listed (the recipe has it) but not computed."""
+    weights = {"cls": 1.0, "aux": loss_cfg.w_aux, "tok": loss_cfg.w_tok}
+    for name in STAGED_LOSSES:
+        if schedule.started(name, step):
+            weights[name] = getattr(loss_cfg, f"w_{name}")
+    return weights
+
+
 class MoReLosses:
     """MoRe's objective (SPEC §3 steps 4–6). Holds the energy loss module and the seeded
-    generator UNE samples with, so a resumed run continues the same stream."""
+    generator UNE samples with, so a resumed run continues the same stream.
+
+    Only the terms of ``active_weights`` with a weight > 0 are computed (and logged), and the
+    pseudo labels only when a computed term needs them. cls, aux and tok always run, so the
+    backbone, both classifiers and GCR always get a gradient; the decoder gets the zero of
+    ``idle_decoder_term`` (logged as ``seg``) until seg or reg starts, as DDP needs."""
 
     def __init__(self, cfg, device):
         self.energy = None
@@ -36,36 +58,48 @@ class MoReLosses:
     def __call__(self, model, batch, step: int, cfg, schedule: Schedule, amp_ctx):
         images, y, valid = batch["image"], batch["cls_label"], batch["valid"]
         lc = cfg.loss
-        seg_on = step >= schedule.seg_start
-        cam, cam_aux = training_cams(model, images, cfg)
+        weights = active_weights(lc, schedule, step)
+        on = {k for k, w in weights.items() if w > 0}
+        if self.energy is None:
+            on.discard("reg")
+        token_terms, pixel_terms = on.intersection(TOKEN_LOSSES), on.intersection(PIXEL_LOSSES)
+        if token_terms or pixel_terms:
+            cam, cam_aux = training_cams(model, images, cfg)
         with amp_ctx:
             out = model(images, with_score_maps=False)
-        size = out.patch_features.shape[-2:]
-        token_valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0
-        l_aux = _token_labels(cam_aux, y, size, lc.aux_high, lc.aux_low)
-        if step < schedule.cam2mask:
-            l_cle = _token_labels(cam_aux, y, size, lc.cle_high, lc.cle_low)
-            l_une = l_aux
-        else:
-            l_cle = l_une = _token_labels(cam, y, size, lc.main_high, lc.main_low)
-        for lab in (l_aux, l_cle, l_une):
-            lab[~token_valid] = IGNORE
-        feats = out.patch_features.float()
         losses = {
             "cls": classification_loss(out.cls_logits, y),
             "aux": lc.w_aux * classification_loss(out.aux_cls_logits, y),
             "tok": lc.w_tok * token_regularization_loss(out.class_tokens, lc.tok_temp),
-            "cle": lc.w_cle * cle_loss(out.class_tokens, feats, l_cle, y, lc.temp),
-            "une": lc.w_une * une_loss(out.class_tokens, feats, l_une, y, lc.temp, generator=self.generator),
-            "ptc": lc.w_ptc * masked_cosine_affinity_loss(feats, l_aux, ignore_index=IGNORE, impl=cfg.impl),
         }
-        if seg_on:  # the PAR-refined label feeds only the segmentation and energy losses
+        if token_terms:
+            size = out.patch_features.shape[-2:]
+            token_valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0
+            # the aux labels (ptc; UNE before cam2mask) use the refined labels' thresholds (SPEC §3.0)
+            l_aux = _token_labels(cam_aux, y, size, cfg.cam.high_thre, cfg.cam.low_thre)
+            if step < schedule.cam2mask:
+                l_cle = _token_labels(cam_aux, y, size, lc.cle_high, lc.cle_low)
+                l_une = l_aux
+            else:
+                l_cle = l_une = _token_labels(cam, y, size, lc.main_high, lc.main_low)
+            for lab in (l_aux, l_cle, l_une):
+                lab[~token_valid] = IGNORE
+            feats = out.patch_features.float()
+            if "cle" in token_terms:
+                losses["cle"] = weights["cle"] * cle_loss(out.class_tokens, feats, l_cle, y, lc.cle_temp)
+            if "une" in token_terms:  # UNE has no temperature (SPEC §3.6)
+                losses["une"] = weights["une"] * une_loss(out.class_tokens, feats, l_une, y, generator=self.generator)
+            if "ptc" in token_terms:
+                losses["ptc"] = weights["ptc"] * masked_cosine_affinity_loss(feats, l_aux, ignore_index=IGNORE,
+                                                                              impl=cfg.impl)
+        if pixel_terms:  # the PAR-refined label feeds only the segmentation and energy losses
             label = refined_pseudo_labels(images, cam, y, valid, cfg)
             seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear",
                                 align_corners=False)
-            losses["seg"] = lc.w_seg * seg_loss(seg, label, IGNORE)
-            if self.energy is not None:
-                losses["reg"] = lc.w_reg * self.energy(images, seg, label, roi=valid.float())
+            if "seg" in pixel_terms:
+                losses["seg"] = weights["seg"] * seg_loss(seg, label, IGNORE)
+            if "reg" in pixel_terms:
+                losses["reg"] = weights["reg"] * self.energy(images, seg, label, roi=valid.float())
         else:
             losses["seg"] = idle_decoder_term(out)
         return losses
@@ -101,8 +135,11 @@ class MoReMethod(BaselineMethod):
         return []
 
     def describe_schedule(self, schedule: Schedule) -> str:
-        return (f"seg/reg losses from iteration {schedule.seg_start}, CLE/UNE on the main CAM from "
-                f"iteration {schedule.cam2mask}")
+        by_start: Dict[int, List[str]] = {}
+        for name in STAGED_LOSSES:
+            by_start.setdefault(schedule.loss_starts.get(name, 0), []).append(name)
+        stages = ", ".join(f"{'/'.join(names)} from iteration {it}" for it, names in sorted(by_start.items()))
+        return f"cls/aux/tok from iteration 0, {stages}; CLE/UNE on the main CAM from iteration {schedule.cam2mask}"
 
     def default_protocols(self, cfg) -> List[str]:
         """SPEC §4's four; without GCR there is no LAM, so E1-CAM and E3."""
@@ -143,6 +180,18 @@ class MoReMethod(BaselineMethod):
             return out
 
         return Protocol("E2", "val", rows, predict, "LAM with predicted image labels (infer_lam_test_75)")
+
+    def exports(self, cfg) -> Dict:
+        """The baseline's, and with GCR E1-LAM (+ PAR) and E2 (wsss.methods.export)."""
+        table = super().exports(cfg)
+        if cfg.model.gcr:
+            table.update({"E1-LAM": self._e1_export(cfg, "LAM"),
+                          "E2": protocol_export(self._e2, cfg, needs_image_labels=False)})
+        return table
+
+    def default_export(self, cfg):
+        """E2, MoRe's segmentation of unseen images (SPEC §4); E3 without GCR (no LAM)."""
+        return "E2" if cfg.model.gcr else "E3"
 
     def panel(self, model, item, cfg, device):
         maps, titles = super().panel(model, item, cfg, device)

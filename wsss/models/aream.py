@@ -72,6 +72,12 @@ class AReAM(nn.Module):
             (bb_norm if "norm" in name else bb_other).append(p)
         return [bb_other, bb_norm, list(self.head.parameters())]
 
+    def no_weight_decay(self) -> set:
+        """Parameter names without weight decay besides biases and 1-D weights (timm's
+        ``create_optimizer_v2`` reads this): the position embeddings and the class tokens, as the
+        official model's ``no_weight_decay()`` (SPEC §5)."""
+        return {"backbone." + name for name in self.backbone.no_weight_decay()}
+
     def forward(self, x: torch.Tensor, qk_layers: Iterable[int] = ()) -> AReAMOutput:
         out = self.backbone(x, aux_layer=-1, qk_layers=qk_layers)
         cam = self.head(tokens_to_map(out.patches, out.grid))

@@ -123,6 +123,10 @@ class MultiTokenViT(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
+    def no_weight_decay(self) -> set:
+        """timm's convention: parameters the optimizer leaves without weight decay."""
+        return {"pos_embed", "cls_token"}
+
     def patch_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Patch position embeddings resized to (h,w) as the public code does (SPEC §2)."""
         pos = self.pos_embed[:, self.num_tokens:]

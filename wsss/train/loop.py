@@ -187,9 +187,12 @@ def train(cfg: Config) -> Path:
     num_classes = train_ds.num_classes
     method = get_method(cfg.model.method)
     model = method.build_model(cfg.model, num_classes).to(device)
-    opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_iters)
+    iters_per_epoch = len(train_ds) // world // cfg.train.batch_size  # as _batches counts epochs
+    opt, sched = build_optimizer(model, cfg.optim, cfg.train.max_iters, iters_per_epoch=iters_per_epoch,
+                                 global_batch=cfg.train.batch_size * world)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     step = 0
+    best = None  # {"metric", "value", "step"} of checkpoint_best.pt (the method's best_metric)
     if ckpt is not None:
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         if missing or unexpected:
@@ -199,6 +202,7 @@ def train(cfg: Config) -> Path:
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["step"])
+        best = ckpt.get("best")
         rngs = ckpt["rng"]  # one per rank of the saving run; a new world size reuses rank 0's
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         log.info("resumed from %s at step %d", cfg.resume, step)
@@ -228,7 +232,7 @@ def train(cfg: Config) -> Path:
              cfg.model.method, device, len(train_ds), num_classes, cfg.train.max_iters, cfg.train.batch_size,
              world, method.describe_schedule(schedule))
 
-    def save(at_step: int) -> None:
+    def save(at_step: int, path: Path = ckpt_path) -> None:
         rngs = [None] * world
         state = rng_state()
         if world > 1:
@@ -236,12 +240,12 @@ def train(cfg: Config) -> Path:
         else:
             rngs = [state]
         if rank == 0:
-            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
+            save_checkpoint(path, model=model.state_dict(), optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), scaler=scaler.state_dict(), step=at_step,
                             config=config_to_dict(cfg), rng=rngs, num_classes=num_classes,
                             class_names=list(train_ds.class_names),
-                            loss_rng=loss_rng.get_state() if loss_rng is not None else None)
-            if cfg.train.keep_checkpoints:
+                            loss_rng=loss_rng.get_state() if loss_rng is not None else None, best=best)
+            if cfg.train.keep_checkpoints and path == ckpt_path:
                 shutil.copyfile(ckpt_path, run_dir / f"checkpoint_{at_step:06d}.pt")
 
     model.train()
@@ -272,10 +276,22 @@ def train(cfg: Config) -> Path:
             log.info("step %d/%d %s (%.2fs/it)", step, cfg.train.max_iters,
                      " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items()),
                      (time.time() - t0) / max(1, step))
-        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_iters:
+        if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_iters
+                and step >= round(cfg.train.eval_start * cfg.train.max_iters)):
             # every rank validates its shard (no rank waits in a collective meanwhile)
             _periodic_eval(model, val_ds, cfg, device, writer, step, log)
             model.train()
+        if step % iters_per_epoch == 0:  # the method's per-epoch metrics; its best epoch is kept
+            model.eval()
+            metrics = method.epoch_end(model, val_ds, cfg, device)
+            model.train()
+            if metrics:
+                writer.write(step, {f"val/{k}": v for k, v in metrics.items()})
+                log.info("epoch %d: %s", step // iters_per_epoch, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            value = metrics.get(method.best_metric)
+            if value is not None and (best is None or value > best["value"]):
+                best = {"metric": method.best_metric, "value": float(value), "step": step}
+                save(step, run_dir / "checkpoint_best.pt")
         if step % cfg.train.ckpt_interval == 0 or step == cfg.train.max_iters:
             save(step)
     bar.close()
