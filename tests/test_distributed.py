@@ -18,12 +18,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, overrides):
+def _torchrun_env(rank, world, port):
+    """What torchrun sets for one of ``world`` local processes; one thread each on 2 cores."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _worker(rank, world, port, overrides):
+    _torchrun_env(rank, world, port)
     from wsss.train.loop import train
 
     train(load_config(None, overrides))
@@ -65,9 +70,7 @@ def _validate_worker(rank, world, port, overrides, state_path, out_dir):
     import json
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _torchrun_env(rank, world, port)
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
@@ -136,11 +139,7 @@ def test_every_method_trains_under_ddp_through_all_stages(data_root, tmp_path, m
 
 
 def _eval_worker(rank, world, port, overrides, ckpt, out):
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _torchrun_env(rank, world, port)
     import torch.distributed as dist
 
     from wsss.eval.evaluate import evaluate

@@ -21,25 +21,16 @@ def main(argv=None) -> int:
         cfg = load_config(args.cfg, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
-    import torch
     import torch.distributed as dist
 
     from wsss.eval.evaluate import evaluate
-    from wsss.utils.device import resolve_device
-    from wsss.utils.distributed import dist_env
+    from wsss.utils.distributed import init_from_env
     from wsss.utils.logging import setup_logging
-    from wsss.utils.preflight import PreflightError, gpu_count_problem, raise_if
+    from wsss.utils.preflight import PreflightError
 
-    env = dist_env()
-    setup_logging(cfg.run_dir, "eval", env.rank)
     try:
-        if env.world > 1:
-            device = resolve_device(cfg.device)
-            if device.type == "cuda":
-                raise_if("evaluation", gpu_count_problem(device.type, env.local_world))
-                torch.cuda.set_device(env.local_rank)
-                cfg.device = f"cuda:{env.local_rank}"
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        env = init_from_env(cfg, "evaluation")
+        setup_logging(cfg.run_dir, "eval", env.rank)
         result = evaluate(cfg, args.ckpt, args.out)
     except PreflightError as e:  # one clear message, no traceback: nothing has run yet
         print(f"error: {e}", file=sys.stderr)

@@ -55,26 +55,17 @@ def main(argv=None) -> int:
         cfg = load_config(args.cfg, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
-    import torch
     import torch.distributed as dist
 
     from wsss.eval.export import export_predictions
-    from wsss.utils.device import resolve_device
-    from wsss.utils.distributed import dist_env
+    from wsss.utils.distributed import init_from_env
     from wsss.utils.logging import setup_logging
-    from wsss.utils.preflight import PreflightError, gpu_count_problem, raise_if
+    from wsss.utils.preflight import PreflightError
 
-    env = dist_env()
-    setup_logging(None, "infer", env.rank)
     try:
-        if env.world > 1:
-            device = resolve_device(cfg.device)
-            if device.type == "cuda":
-                raise_if("export", gpu_count_problem(device.type, env.local_world))
-                torch.cuda.set_device(env.local_rank)
-                cfg.device = f"cuda:{env.local_rank}"
-            # gloo even on GPUs: the only collectives are barriers and the summary's sums (CPU)
-            dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+        # gloo even on GPUs: the only collectives are barriers and the summary's sums (CPU)
+        env = init_from_env(cfg, "export", cpu_collectives=True, timeout=BARRIER_TIMEOUT)
+        setup_logging(None, "infer", env.rank)
         summary = export_predictions(cfg, args.ckpt, args.out, split=args.split, images=args.images,
                                      recursive=args.recursive, protocol=args.protocol, row=args.row,
                                      voc_server=args.voc_server, overlays=args.overlays, limit=args.limit)

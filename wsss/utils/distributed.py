@@ -62,3 +62,25 @@ def all_reduce_confusion(mats: Iterable) -> None:
         size = m.matrix.size
         m.matrix[...] = flat[offset:offset + size].reshape(m.matrix.shape)
         offset += size
+
+
+def init_from_env(cfg, what: str, cpu_collectives: bool = False, timeout=None) -> DistEnv:
+    """Join torchrun's process group for a command (``wsss.eval``, ``wsss.infer``) when launched
+    with several processes: each rank takes the GPU of its ``LOCAL_RANK`` (``cfg.device``
+    becomes ``cuda:<local rank>``) after checking there are enough GPUs. NCCL on GPUs, gloo on
+    the CPU or when ``cpu_collectives`` (a command whose only collectives are on CPU tensors).
+    Returns the environment; a single process is left alone."""
+    env = dist_env()
+    if env.world > 1:
+        from wsss.utils.device import resolve_device
+        from wsss.utils.preflight import gpu_count_problem, raise_if
+
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            raise_if(what, gpu_count_problem(device.type, env.local_world))
+            torch.cuda.set_device(env.local_rank)
+            cfg.device = f"cuda:{env.local_rank}"
+        backend = "nccl" if device.type == "cuda" and not cpu_collectives else "gloo"
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        dist.init_process_group(backend, **kwargs)
+    return env
