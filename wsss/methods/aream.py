@@ -183,8 +183,9 @@ class AReAMMethod(Method):
 
     def _official(self, cfg) -> Protocol:
         sweep = tuple(round(0.01 * i, 2) for i in range(99))  # 0.00 .. 0.98
-        row = Row("official: AReAM CAM pseudo labels (train)", "original size padded to 16, scale 1 + flip, all "
-                  "layers uniform, bkg swept 0.00-0.98, mIoU over all classes", sweep=sweep, over="all")
+        row = Row("official: AReAM CAM pseudo labels (train)", "original size padded to a multiple of the patch, "
+                  "scale 1 + flip, all layers uniform, bkg swept 0.00-0.98, mIoU over all classes", sweep=sweep,
+                  over="all")
 
         def predict(model, item, device):
             maps = official_pseudo_label_maps(model, item["image"][None].to(device), cfg.impl)
