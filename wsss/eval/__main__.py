@@ -5,7 +5,7 @@ confusion matrices summed (the result equals one process's); rank 0 writes the r
 import argparse
 import sys
 
-from wsss.config import ConfigError, load_config
+from wsss.utils.cli import parse_config, run_command
 
 
 def main(argv=None) -> int:
@@ -16,32 +16,21 @@ def main(argv=None) -> int:
                         "(VOC/COCO) or AReAM/MCTformer-V2 release")
     parser.add_argument("--out", default=None, help="output folder (default: <run_dir>/eval)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.crf=true")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.cfg, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
-    import torch.distributed as dist
-
+    args, cfg = parse_config(parser, argv)
     from wsss.eval.evaluate import evaluate
     from wsss.utils.distributed import init_from_env
     from wsss.utils.logging import setup_logging
-    from wsss.utils.preflight import PreflightError
 
-    try:
+    def command() -> int:
         env = init_from_env(cfg, "evaluation")
         setup_logging(cfg.run_dir, "eval", env.rank)
         result = evaluate(cfg, args.ckpt, args.out)
-    except PreflightError as e:  # one clear message, no traceback: nothing has run yet
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if env.rank == 0:
-        print(result["markdown"])
-        print(f"written to {result['out_dir']}/results.md, results.csv and panels/")
-    return 0
+        if env.rank == 0:
+            print(result["markdown"])
+            print(f"written to {result['out_dir']}/results.md, results.csv and panels/")
+        return 0
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import argparse
 import sys
 from datetime import timedelta
 
-from wsss.config import ConfigError, load_config
+from wsss.utils.cli import parse_config, run_command
 
 # The ranks meet in a barrier only after all their images; a rank may finish hours before the
 # slowest one, and torchrun stops the others if one fails, so the wait may be long.
@@ -50,35 +50,24 @@ def main(argv=None) -> int:
                         help="also write overlays/<name>.png (default: on for --images)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.crf=true device=cuda")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.cfg, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
-    import torch.distributed as dist
-
+    args, cfg = parse_config(parser, argv)
     from wsss.eval.export import export_predictions
     from wsss.utils.distributed import init_from_env
     from wsss.utils.logging import setup_logging
-    from wsss.utils.preflight import PreflightError
 
-    try:
+    def command() -> int:
         # gloo even on GPUs: the only collectives are barriers and the summary's sums (CPU)
         env = init_from_env(cfg, "export", cpu_collectives=True, timeout=BARRIER_TIMEOUT)
         setup_logging(None, "infer", env.rank)
         summary = export_predictions(cfg, args.ckpt, args.out, split=args.split, images=args.images,
                                      recursive=args.recursive, protocol=args.protocol, row=args.row,
                                      voc_server=args.voc_server, overlays=args.overlays, limit=args.limit)
-    except PreflightError as e:  # one clear message, no traceback: nothing has been written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if env.rank == 0:
-        print(f"{summary['images']} images written, {summary['skipped']} skipped (already there), "
-              f"{summary['images_per_s']:.2f} images/s; masks in {summary['out']}")
-    return 0
+        if env.rank == 0:
+            print(f"{summary['images']} images written, {summary['skipped']} skipped (already there), "
+                  f"{summary['images_per_s']:.2f} images/s; masks in {summary['out']}")
+        return 0
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

@@ -79,13 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-images", type=int, default=0, help="images of the train split to use (0 = all)")
     parser.add_argument("--size", type=int, default=0, help="images are resized to size x size (0 = data.crop_size)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    from wsss.config import ConfigError, load_config
+    from wsss.utils.cli import parse_config
 
-    try:
-        cfg = load_config(args.cfg, args.overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    args, cfg = parse_config(parser, argv)
     if cfg.model.method != "aream":
         parser.error(f"layer entropies need model.method=aream, the config has {cfg.model.method!r}")
     from wsss.cam import normalize_entropy
