@@ -17,7 +17,7 @@ from typing import Dict
 import torch
 
 from wsss.config import Config, save_config
-from wsss.data import DatasetError, build_datasets
+from wsss.data import DatasetError, build_segmentation_set
 from wsss.methods import get_method
 from wsss.utils.device import resolve_device
 from wsss.utils.distributed import all_reduce_confusion, rank_and_world, shard
@@ -40,24 +40,22 @@ def load_model(cfg: Config, ckpt_path, device):
 
 
 def _load_data(cfg: Config, protocols) -> Dict:
-    """The segmentation sets the protocols read, by split name; ``problems`` on failure."""
-    splits, problems = {}, []
-    need_train = any(p.split == "train" for p in protocols)
-    kwargs = dict(cls_labels=cfg.data.cls_labels or None, aug=cfg.data.aug, seed=cfg.seed, eval_resize=None)
+    """The segmentation sets the protocols read, by split name (images at their original size),
+    and ``problems``; the train split only when a protocol scores it."""
+    d = cfg.data
+    cls_labels = d.cls_labels or None
     try:
-        _, train_seg, val_seg = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
-                                               cfg.data.val_split, cfg.data.crop_size, train_masks=False, **kwargs)
-        splits["val"] = val_seg
+        splits = {"val": build_segmentation_set(d.dataset, d.root, d.val_split, cls_labels)}
     except ValueError as e:  # DatasetError and bad arguments
-        return {}, [f"data ({cfg.data.dataset} at data.root={cfg.data.root}): {e}"]
-    if need_train:
+        return {}, [f"data ({d.dataset} at data.root={d.root}): {e}"]
+    problems = []
+    if any(p.split == "train" for p in protocols):
         try:
-            splits["train"] = build_datasets(cfg.data.dataset, cfg.data.root, cfg.data.train_split,
-                                             cfg.data.val_split, cfg.data.crop_size, **kwargs)[1]
+            splits["train"] = build_segmentation_set(d.dataset, d.root, d.train_split, cls_labels)
         except DatasetError as e:
             if cfg.eval.protocols:  # asked for by name: an error
                 problems.append(f"eval.protocols {[p.name for p in protocols if p.split == 'train']} score the "
-                                f"train split ({cfg.data.train_split}) against its masks: {e}")
+                                f"train split ({d.train_split}) against its masks: {e}")
             else:  # the default set: score what can be scored, and say so
                 get_logger().warning("skipping the pseudo-label protocols: the train split has no masks (%s)", e)
     return splits, problems
@@ -108,9 +106,11 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
                 item = ds[i]
                 gt = item["label"]
                 background[split].update(torch.zeros_like(gt), gt)
+                preds = {}
                 for p in on_split:
                     t0 = time.time()
-                    for name, pred in p.predict(model, item, device).items():
+                    preds[p.name] = p.predict(model, item, device)
+                    for name, pred in preds[p.name].items():
                         if isinstance(pred, dict):
                             for t, lab in pred.items():
                                 mats[name][t].update(lab, gt)
@@ -118,7 +118,9 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
                             mats[name].update(pred, gt)
                     seconds[p.name] += time.time() - t0
                 if rank == 0 and i < cfg.eval.panels:
-                    _write_panel(method, model, item, cfg, device, out_dir / "panels", on_split[0])
+                    first = on_split[0]
+                    _write_panel(method, model, item, cfg, device, out_dir / "panels", first.rows[0].name,
+                                 preds[first.name][first.rows[0].name])
     flat = [m for v in mats.values() for m in (v.values() if isinstance(v, dict) else [v])]
     all_reduce_confusion(flat + list(background.values()))
     if world > 1:  # the slowest rank's time is the wall time
@@ -147,28 +149,28 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
             series.setdefault(r.series[0], []).append((r.series[1], row["miou"]))
     result = {"table": table, "out_dir": str(out_dir), "seconds": seconds, "series": series}
     if rank == 0:
-        markdown = format_markdown(table, scored, list(next(iter(splits.values())).class_names), header)
+        class_names = list(next(iter(splits.values())).class_names)
+        markdown = format_markdown(table, scored, class_names, header)
         for name, points in series.items():
             plot_series({"this model": points}, out_dir / f"{name}.png", xlabel=name)
             markdown += (f"\n{name} (`{name}.png`)\n\n| point | mIoU |\n|---|---|\n"
                          + "".join(f"| {p} | {100 * v:.1f} |\n" for p, v in points))
         (out_dir / "results.md").write_text(markdown)
-        write_csv(table, scored, list(next(iter(splits.values())).class_names), out_dir / "results.csv")
+        write_csv(table, scored, class_names, out_dir / "results.csv")
         (out_dir / "results.json").write_text(json.dumps({"table": table, "seconds": seconds}, indent=2))
         result["markdown"] = markdown
         log.info("evaluation written to %s", out_dir)
     return result
 
 
-def _write_panel(method, model, item, cfg, device, panel_dir: Path, protocol) -> None:
-    """image | ground truth | the method's maps | the protocol's first row."""
+def _write_panel(method, model, item, cfg, device, panel_dir: Path, row: str, pred) -> None:
+    """image | ground truth | the method's maps | ``pred``, the prediction of ``row``."""
     maps, titles = method.panel(model, item, cfg, device)
-    pred = protocol.predict(model, item, device)[protocol.rows[0].name]
     if isinstance(pred, dict):
         pred = pred[sorted(pred)[len(pred) // 2]]  # the middle of a swept row's thresholds
     tiles = [item["image_uint8"].numpy(), colorize(item["label"].numpy())] + [heatmap(m) for m in maps]
     tiles.append(colorize(pred.cpu().numpy()))
-    save_panel(panel_dir / f"{item['name']}.png", tiles, ["image", "ground truth", *titles, protocol.rows[0].name[:24]])
+    save_panel(panel_dir / f"{item['name']}.png", tiles, ["image", "ground truth", *titles, row[:24]])
 
 
 __all__ = ["evaluate", "load_model"]
