@@ -52,8 +52,7 @@ class AReAMLosses:
         a = cfg.aream
         refine_w, _ = model.layer_weights(a.entropy)
         cam = multi_scale_aream_cam(model, images, tuple(a.scales), a.layer_index, refine_w, impl=cfg.impl)
-        label = refine_cams_with_bkg(denormalize(images), cam * y[:, :, None, None], y, a.score_h, a.score_l,
-                                     ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
+        label = aream_par_labels(images, cam, y, cfg)
         label[~valid] = IGNORE
         return label
 
@@ -87,6 +86,15 @@ class AReAMLosses:
             terms.append(loss_w[i] * loss)
         losses["aff"] = a.w_aff * torch.stack(terms).mean()
         return losses
+
+
+@torch.no_grad()
+def aream_par_labels(images: torch.Tensor, cam: torch.Tensor, y: torch.Tensor, cfg) -> torch.Tensor:
+    """AReAM's pseudo labels from its refined CAM (SPEC §5): the label-masked CAM → PAR with the
+    two background scores ``score_h`` / ``score_l``; (B,H,W), IGNORE where uncertain."""
+    a = cfg.aream
+    return refine_cams_with_bkg(denormalize(images), cam * y[:, :, None, None], y, a.score_h, a.score_l,
+                                ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
 
 
 def _refine_weights(model, cfg):
@@ -173,13 +181,11 @@ class AReAMMethod(Method):
         bkg = cfg.eval.bkg_thre
         return {"cam": cam_to_label(cam, y, bkg_thre=bkg)[1][0], "aream_cam": cam_to_label(refined, y, bkg_thre=bkg)[1][0]}
 
-    def protocols(self, cfg) -> List[Protocol]:
-        table = {"official": lambda: self._official(cfg), "analysis": lambda: self._analysis(cfg)}
-        wanted = list(cfg.eval.protocols) or ["official", "analysis"]
-        unknown = [p for p in wanted if p not in table]
-        if unknown:
-            raise ValueError(f"eval.protocols: {unknown} unknown for model.method=aream; known: {', '.join(table)}")
-        return [table[p]() for p in wanted]
+    def protocol_table(self, cfg) -> Dict:
+        return {"official": lambda: self._official(cfg), "analysis": lambda: self._analysis(cfg)}
+
+    def default_protocols(self, cfg) -> List[str]:
+        return ["official", "analysis"]
 
     def _official(self, cfg) -> Protocol:
         sweep = tuple(round(0.01 * i, 2) for i in range(99))  # 0.00 .. 0.98
@@ -225,8 +231,7 @@ class AReAMMethod(Method):
                    for r, m in ((cam_r, cam), (gated_r, gated), (ref_r, refined))}
             for r, m in zip(layer_rows, singles):
                 out[r.name] = {t: cam_to_label(m, y, bkg_thre=t)[1][0] for t in sweep}
-            lab = refine_cams_with_bkg(denormalize(image), refined * y[:, :, None, None], y, a.score_h, a.score_l,
-                                       down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
+            lab = aream_par_labels(image, refined, y, cfg)
             out[par_r.name] = torch.where(lab == IGNORE, 0, lab)[0]  # uncertain pixels count as background
             return out
 
@@ -245,8 +250,7 @@ class AReAMMethod(Method):
                                         impl=cfg.impl)
             if row == "raw":
                 return cam_to_label(cam, y, bkg_thre=cfg.eval.bkg_thre)[1][0]
-            return refine_cams_with_bkg(denormalize(image), cam * y[:, :, None, None], y, a.score_h, a.score_l,
-                                        ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))[0]
+            return aream_par_labels(image, cam, y, cfg)[0]
 
         rows = {"par": f"AReAM CAM (aream.scales {list(a.scales)} + flip) → PAR with background scores "
                        f"{a.score_h:g} / {a.score_l:g}, {IGNORE} where uncertain (the training's labels)",

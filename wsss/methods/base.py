@@ -110,7 +110,22 @@ class Method:
         raise NotImplementedError
 
     def protocols(self, cfg) -> List[Protocol]:
-        """The evaluation protocols ``wsss.eval`` runs for ``cfg`` (SPEC §4, §5)."""
+        """The evaluation protocols ``wsss.eval`` runs for ``cfg`` (SPEC §4, §5): those named in
+        ``eval.protocols``, else the method's default set."""
+        wanted = list(cfg.eval.protocols) or self.default_protocols(cfg)
+        table = self.protocol_table(cfg)
+        unknown = [p for p in wanted if p not in table]
+        if unknown:
+            raise ValueError(f"eval.protocols: {unknown} unknown for model.method={self.name}; "
+                             f"known: {', '.join(table)}")
+        return [table[p]() for p in wanted]
+
+    def protocol_table(self, cfg) -> Dict[str, Callable[[], Protocol]]:
+        """Every protocol of the method by name, each built on demand."""
+        raise NotImplementedError
+
+    def default_protocols(self, cfg) -> List[str]:
+        """The protocols run when ``eval.protocols`` is empty (the official set)."""
         raise NotImplementedError
 
     def panel(self, model, item: dict, cfg, device) -> Tuple[List, List[str]]:

@@ -32,11 +32,9 @@ def training_cams(model, images, cfg):
 
 @torch.no_grad()
 def refined_pseudo_labels(images, cam, cls_label, valid, cfg):
-    """Label-masked CAM → PAR with two background scores (SPEC §3 steps 2–3)."""
-    valid_cam, _ = cam_to_label(cam, cls_label, bkg_thre=cfg.cam.bkg_thre, high_thre=cfg.cam.high_thre,
-                                low_thre=cfg.cam.low_thre, ignore_mid=True, ignore_index=IGNORE)
-    label = refine_cams_with_bkg(denormalize(images), valid_cam, cls_label, cfg.cam.high_thre, cfg.cam.low_thre,
-                                 ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
+    """Label-masked CAM → PAR with two background scores (SPEC §3 steps 2–3); IGNORE outside
+    ``valid`` (a crop's padding)."""
+    label = par_pseudo_labels(images, cam, cls_label, cfg)
     label[~valid] = IGNORE
     return label
 
@@ -82,11 +80,11 @@ def fused_segmentation_logits(model, image: torch.Tensor, scales, base_size: int
 
 
 @torch.no_grad()
-def par_pseudo_labels(image: torch.Tensor, maps: torch.Tensor, y: torch.Tensor, cfg) -> torch.Tensor:
-    """The training's refinement (SPEC §3 steps 2–3) of evaluation maps at the image size: the
-    label-masked maps → PAR with the background scores ``cam.high_thre`` / ``cam.low_thre``.
-    ``image`` (1,3,H,W) normalised; (1,H,W) labels, IGNORE where uncertain."""
-    return refine_cams_with_bkg(denormalize(image), maps * y[:, :, None, None], y, cfg.cam.high_thre,
+def par_pseudo_labels(images: torch.Tensor, maps: torch.Tensor, y: torch.Tensor, cfg) -> torch.Tensor:
+    """The training's refinement (SPEC §3 steps 2–3) of maps at the image size: the label-masked
+    maps → PAR with the background scores ``cam.high_thre`` / ``cam.low_thre``. ``images``
+    (B,3,H,W) normalised; (B,H,W) labels, IGNORE where uncertain."""
+    return refine_cams_with_bkg(denormalize(images), maps * y[:, :, None, None], y, cfg.cam.high_thre,
                                 cfg.cam.low_thre, ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale,
                                 par=make_par(cfg))
 
@@ -134,15 +132,6 @@ class BaselineMethod(Method):
         return cols
 
     # -- evaluation protocols (SPEC §4) ---------------------------------------------------------
-    def protocols(self, cfg) -> List[Protocol]:
-        wanted = list(cfg.eval.protocols) or self.default_protocols(cfg)
-        table = self.protocol_table(cfg)
-        unknown = [p for p in wanted if p not in table]
-        if unknown:
-            raise ValueError(f"eval.protocols: {unknown} unknown for model.method={self.name}; "
-                             f"known: {', '.join(table)}")
-        return [table[p]() for p in wanted]
-
     def default_protocols(self, cfg) -> List[str]:
         return ["E1-CAM", "E3"]
 
