@@ -117,3 +117,23 @@ def test_compile_switch_parses_and_keeps_state_dict_keys():
     keys = list(model.state_dict())
     model.backbone.compile()
     assert list(model.state_dict()) == keys
+
+
+def test_tf32_switch_parses_and_sets_cuda_precision():
+    from wsss.utils.device import configure_precision
+
+    assert load_config(None, []).tf32 is True  # TF32 on CUDA by default
+    assert load_config(None, ["tf32=false"]).tf32 is False
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    configure_precision(torch.device("cpu"), True)  # nothing changes off CUDA
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
+    if not torch.cuda.is_available():
+        return
+    try:
+        configure_precision(torch.device("cuda"), True)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        configure_precision(torch.device("cuda"), False)
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wsss.cam import cam_to_label, multi_scale_maps, normalize_maps, refine_cams_with_bkg
 
@@ -73,3 +74,49 @@ def test_refine_cams_with_bkg_default_par_runs():
     cams = torch.rand(1, 2, 16, 16)
     labels = refine_cams_with_bkg(torch.rand(1, 3, 16, 16), cams, torch.tensor([[1.0, 0.0]]), 0.7, 0.25)
     assert set(labels.unique().tolist()) <= {0, 1, 255}
+
+
+def _refine_spec_loop(images, cams, cls_labels, high, low, par, down_scale=2, ignore_index=255):
+    """SPEC §3 step 3 written per image: [const; cams[present]] stacks, softmax, PAR, upsample,
+    argmax through keys = [0] + (present + 1); L_h background -> ignore unless L_l background too."""
+    B, C, H, W = cams.shape
+    size = (H // down_scale, W // down_scale)
+    img_s = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
+    cams_s = F.interpolate(cams.float(), size=size, mode="bilinear", align_corners=False)
+    out = []
+    for b in range(B):
+        present = [c for c in range(C) if cls_labels[b, c] > 0]
+        keys = torch.tensor([0] + [c + 1 for c in present])
+        maps = []
+        for thre in (high, low):
+            stack = torch.cat([torch.full((1, *size), thre), cams_s[b, present]]).softmax(dim=0)
+            refined = par(img_s[b:b + 1], stack[None])
+            maps.append(F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)[0])
+        l_high, l_low = keys[maps[0].argmax(0)], keys[maps[1].argmax(0)]
+        lab = l_high.clone()
+        lab[l_high == 0] = ignore_index
+        lab[(l_high == 0) & (l_low == 0)] = 0
+        out.append(lab)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("C,max_classes", [(3, None), (3, 3), (5, 4), (1, None)])
+def test_refine_cams_with_bkg_equals_the_spec_loop(C, max_classes):
+    """The batched refinement (present classes in slots, −∞ padding, one PAR call) equals the
+    per-image SPEC loop with its own PAR call per stack, label for label."""
+    from functools import partial
+
+    from wsss.kernels import par_refine
+
+    g = torch.Generator().manual_seed(C)
+    B, H, W = 4, 12, 10
+    images = torch.rand(B, 3, H, W, generator=g)
+    y = (torch.rand(B, C, generator=g) < 0.5).float()
+    y[0] = 0.0  # an image without a class
+    y[1] = 0.0
+    y[1, : min(C, 4)] = 1.0  # and one with min(C, 4), the most (max_classes=4 covers it)
+    y[2:, 4:] = 0.0
+    cams = torch.rand(B, C, H, W, generator=g) * y[:, :, None, None]
+    par = partial(par_refine, dilations=(1, 2), num_iter=3, impl="reference")
+    got = refine_cams_with_bkg(images, cams, y, 0.55, 0.3, par=par, max_classes=max_classes)
+    assert torch.equal(got, _refine_spec_loop(images, cams, y, 0.55, 0.3, par))

@@ -128,7 +128,7 @@ def test_pseudo_labels_keep_ignore_and_match_the_scored_row(run, tmp_path):
         labels = check_mask(out / f"{n}.png", image_size(run.root / "JPEGImages" / f"{n}.jpg"), allow_ignore=True)
         seen |= set(np.unique(labels).tolist())
         # the scoring row is the exported labels with the uncertain pixels counted as background
-        row = scored.predict(model, ds[i], torch.device("cpu"))["extra: LAM + PAR pseudo labels (train)"]
+        row = scored.predict(model, [ds[i]], torch.device("cpu"))[0]["extra: LAM + PAR pseudo labels (train)"]
         np.testing.assert_array_equal(np.where(labels == 255, 0, labels), row.numpy())
     assert 255 in seen  # PAR leaves uncertain pixels at the ignore value
 
@@ -258,5 +258,5 @@ def test_torchrun_two_processes_shard_and_match_one(run, tmp_path):
     assert [r["image"] for r in read_csv(out / "classes.csv")] == ds.names
     for i, n in enumerate(ds.names):
         labels = check_mask(out / f"{n}.png", image_size(run.root / "JPEGImages" / f"{n}.jpg"))
-        one = export.predict(model, ds[i], torch.device("cpu"), "raw").numpy()
+        one = export.predict(model, [ds[i]], torch.device("cpu"), "raw")[0].numpy()
         assert (labels == one).mean() > 0.99  # threads differ (1 vs 2): float sums may flip a pixel

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.losses import cle_loss, token_regularization_loss, une_candidates, une_loss, une_select
+from wsss.losses import cle_loss, token_regularization_loss, une_candidates, une_loss, une_sample, une_select
 from wsss.models import GraphCategoryRepresentation, MoRe
 
 
@@ -173,6 +173,41 @@ def test_une_select_sampling_rules():
     tiny = torch.full((1, 6, 6), 255)  # no inner region at all
     (sel,) = une_select(tiny, torch.Generator().manual_seed(0))
     assert len(sel) == 0
+
+
+def test_une_select_extras_from_the_inner_foreground_else_the_whole_inner_region():
+    h = w = 14
+    few = torch.ones(1, h, w, dtype=torch.long)  # all foreground, one uncertain cell: 1 kept, (8-1)//4 = 1 extra
+    few[0, 6, 6] = 255
+    kept, fg, (hi, wi) = une_candidates(few)
+    assert torch.nonzero(kept[0]).tolist() == [[3, 3]]
+    foreground = {int(i) * w + int(j) for i, j in torch.nonzero(fg[0])}
+    picks = set()
+    for seed in range(20):
+        (sel,) = une_select(few, torch.Generator().manual_seed(seed))
+        assert sel[0].item() == 3 * w + 3 and sel[1].item() in foreground  # the kept cell, then a foreground one
+        picks.add(sel[1].item())
+    assert len(picks) > 1  # drawn at random
+
+    background = torch.zeros(1, h, w, dtype=torch.long)  # nothing kept, no foreground: 2 from the whole inner region
+    (sel,) = une_select(background, torch.Generator().manual_seed(3))
+    inner = {i * w + j for i in range(hi) for j in range(wi)}
+    assert len(sel) == 2 and len(set(sel.tolist())) == 2 and set(sel.tolist()) <= inner
+
+
+def test_une_sample_is_batched_and_seeded():
+    torch.manual_seed(0)
+    label = torch.randint(0, 3, (3, 14, 12))
+    label[torch.rand(label.shape) < 0.4] = 255
+    index, valid = une_sample(label, torch.Generator().manual_seed(7))
+    again, valid2 = une_sample(label, torch.Generator().manual_seed(7))
+    assert index.shape == valid.shape == (3, 10) and torch.equal(index, again) and torch.equal(valid, valid2)
+    kept, _, _ = une_candidates(label)
+    # per image: min(kept, 8) samples from the kept cells, then (8 - kept)//4 extras when kept <= 8
+    for b in range(3):
+        k = int(kept[b].sum())
+        assert int(valid[b, :8].sum()) == min(k, 8)
+        assert int(valid[b, 8:].sum()) == (0 if k > 8 else (8 - k) // 4)
 
 
 def test_une_loss_formula_and_seeded():

@@ -45,7 +45,7 @@ def test_e3_fuses_square_scales_flip_sum_and_max():
         b = F.interpolate(model(x.flip(-1)).seg_logits, size=out_size, mode="bilinear", align_corners=False)
         fused = a + b.flip(-1)
         expected = fused if expected is None else torch.maximum(expected, fused)
-    got = fused_segmentation_logits(model, image, (1.0, 1.5), 16, out_size)
+    got = fused_segmentation_logits(model, [image], (1.0, 1.5), 16, [out_size])[0]
     torch.testing.assert_close(got, expected)
     # the mean of scales (the old softmax-average inference) is a different result
     assert not torch.allclose(got, expected / 2)

@@ -85,3 +85,66 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data_root, tmp_path
     with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
         train(_cfg(data_root, run, "model.method=baseline", "train.max_iters=6", "train.ckpt_interval=2"))
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("optimizer,scaled", [("fused", False), ("fused", True), ("plain", False)])
+def test_non_finite_step_is_skipped_on_the_device_and_reported_at_the_check(optimizer, scaled):
+    """From the first non-finite loss on no update is applied (weights and AdamW state stay those
+    of the last good step, also for the finite steps after it) without a host read per step;
+    the check at the log interval raises naming the first bad step. fused: the kernel's
+    found_inf; scaled: GradScaler's own skip (fp16 runs); plain: the host-read fallback."""
+    from wsss.train.loop import NonFiniteGuard
+    from wsss.train.optim import optimizer_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=optimizer == "fused", foreach=False if optimizer ==
+                            "plain" else None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+    guard = NonFiniteGuard("cpu")
+    x = torch.randn(4, 3)
+
+    def step(i, poison):
+        loss = model(x).pow(2).mean() * (float("nan") if poison else 1.0)
+        stacked = loss.view(1)
+        total = stacked.sum()
+        optimizer_step(total, model, opt, scaler, sched, grad_clip=1.0, skip=guard.update(i, ["l"], stacked, total))
+
+    step(0, False)
+    step(1, False)
+    assert set(guard.check()) == {"l", "total"}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: {n: t.clone() for n, t in s.items()} for k, s in opt.state.items()}
+    step(2, True)
+    step(3, False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for p, s in opt.state.items():
+        for n, t in s.items():
+            assert torch.equal(t, state[p][n]), n
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: \{'l': nan, 'total': nan\}"):
+        guard.check()
+
+
+def test_non_finite_loss_between_log_steps_keeps_the_checkpoint_before_it(data_root, tmp_path, monkeypatch):
+    """The flag is read at the log interval and before every checkpoint: a NaN at step 3 with
+    log_interval 4 stops the run at the step-4 check, and checkpoint 2 stays the last one."""
+    import wsss.methods.baseline as steps
+    from wsss.train.loop import train
+
+    run = tmp_path / "nan4"
+    calls = {"n": 0}
+    real = steps.classification_loss
+
+    def poisoned(logits, y):
+        calls["n"] += 1
+        loss = real(logits, y)
+        return loss * float("nan") if calls["n"] > 6 else loss
+
+    monkeypatch.setattr(steps, "classification_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        train(_cfg(data_root, run, "model.method=baseline", "train.max_iters=8", "train.ckpt_interval=2",
+                   "train.log_interval=4"))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (run / "metrics.csv").exists()  # nothing was logged: the step-4 check raised

@@ -94,9 +94,9 @@ def test_stages_decide_which_losses_run_and_seg_reads_the_main_cam_refinement(se
     refined_from = {}
     real = more.refined_pseudo_labels
 
-    def spy(images, cam, y, valid, cfg_):
+    def spy(images, cam, y, valid, cfg_, *rest):
         refined_from["cam"] = cam.clone()
-        return real(images, cam, y, valid, cfg_)
+        return real(images, cam, y, valid, cfg_, *rest)
 
     monkeypatch.setattr(more, "refined_pseudo_labels", spy)
     loss_fn(model, batch, 31, cfg, schedule, ctx)

@@ -96,47 +96,59 @@ def _default_par(images, masks):
     return par_refine(images, masks)
 
 
+def present_class_count(cls_labels: torch.Tensor) -> int:
+    """The largest number of classes present in one image of the batch: the class channels
+    :func:`refine_cams_with_bkg` needs per stack. On a host tensor (the data loader's labels)
+    this reads no device."""
+    return int((cls_labels > 0).sum(dim=1).max()) if cls_labels.numel() else 0
+
+
 @torch.no_grad()
 def refine_cams_with_bkg(images: torch.Tensor, cams: torch.Tensor, cls_labels: torch.Tensor, high_thre: float,
                          low_thre: float, ignore_index: int = 255, down_scale: int = 2,
-                         par: Optional[Callable] = None) -> torch.Tensor:
+                         par: Optional[Callable] = None, max_classes: Optional[int] = None) -> torch.Tensor:
     """PAR-refined pseudo labels (B,H,W) int64 from label-masked CAMs (SPEC §3 step 3).
 
     ``images`` are de-normalised to [0,1]. For each image a constant background channel at
     ``high_thre`` (and one at ``low_thre``) is stacked with the CAMs of the present classes,
     soft-maxed, refined by PAR at 1/``down_scale`` resolution, upsampled and arg-maxed.
     Background under ``high`` is ignored unless it is background under ``low`` as well.
-    Both stacks of all images go through one PAR call: PAR mixes channels independently with
-    image-only weights, so zero padding channels change nothing.
+
+    The whole batch is one set of tensor ops and one PAR call: each image's present classes
+    (ascending) fill the first of ``max_classes`` channel slots per stack, the remaining slots
+    get −∞ before the softmax, so they are exactly 0 there and after PAR (PAR mixes channels
+    independently with image-only weights) and never win the argmax. ``max_classes`` must be at
+    least the number of classes of any image (:func:`present_class_count`); None reads it from
+    ``cls_labels`` (one device read), which a training step avoids by passing the count of
+    the loader's host labels.
     """
     _check_maps("cams", cams, cls_labels)
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] != cams.shape[0]:
         raise ValueError(f"images must be (B,3,H,W) with B={cams.shape[0]}, got {tuple(images.shape)}")
     par = par or _default_par
     B, C, H, W = cams.shape
+    n = present_class_count(cls_labels) if max_classes is None else min(int(max_classes), C)
     size = (max(1, H // down_scale), max(1, W // down_scale))
     img_s = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
     cams_s = F.interpolate(cams.float(), size=size, mode="bilinear", align_corners=False)
-    present = [torch.nonzero(cls_labels[b] > 0).flatten() for b in range(B)]
-    n = 1 + max(len(p) for p in present)
-    stacks = cams_s.new_zeros(B, 2 * n, *size)
-    for b, idx in enumerate(present):
-        for j, thre in enumerate((high_thre, low_thre)):
-            bkg = torch.full((1, *size), thre, device=cams.device, dtype=cams_s.dtype)
-            stacks[b, j * n:j * n + 1 + len(idx)] = torch.cat([bkg, cams_s[b, idx]]).softmax(dim=0)
-    refined = par(img_s, stacks)
+    present = cls_labels > 0
+    # present classes first, ascending (a stable sort of the absent flags), then the absent ones
+    order = torch.sort(~present, dim=1, stable=True).indices[:, :n]  # (B,n)
+    slot_used = present.gather(1, order)  # (B,n): slot j holds a present class
+    picked = cams_s.gather(1, order[:, :, None, None].expand(-1, -1, *size))
+    picked = picked.masked_fill(~slot_used[:, :, None, None], float("-inf"))
+    bkg = cams_s.new_empty(B, 2, 1, *size)  # filled on the device: no host -> device copy
+    bkg[:, 0].fill_(high_thre)
+    bkg[:, 1].fill_(low_thre)
+    stacks = torch.cat([bkg, picked[:, None].expand(-1, 2, -1, -1, -1)], dim=2).softmax(dim=2)  # (B,2,1+n,h,w)
+    refined = par(img_s, stacks.reshape(B, 2 * (1 + n), *size))
     refined = F.interpolate(refined, size=(H, W), mode="bilinear", align_corners=False)
-    labels = torch.empty(B, H, W, dtype=torch.long, device=cams.device)
-    for b, idx in enumerate(present):
-        keys = torch.cat([idx.new_zeros(1), idx + 1])
-        k = len(keys)
-        l_high = keys[refined[b, :k].argmax(dim=0)]
-        l_low = keys[refined[b, n:n + k].argmax(dim=0)]
-        lab = l_high.clone()
-        lab[l_high == 0] = ignore_index
-        lab[(l_high == 0) & (l_low == 0)] = 0
-        labels[b] = lab
-    return labels
+    slot = refined.view(B, 2, 1 + n, H, W).argmax(dim=2)  # (B,2,H,W)
+    keys = torch.cat([order.new_zeros(B, 1), order + 1], dim=1)  # stack index -> label
+    lab = keys.gather(1, slot.flatten(1)).view(B, 2, H, W)
+    l_high, l_low = lab[:, 0], lab[:, 1]
+    background = torch.where(l_low == 0, 0, ignore_index)
+    return torch.where(l_high == 0, background, l_high)
 
 
 # ---- AReAM (SPEC §5) -------------------------------------------------------------------------

@@ -180,6 +180,9 @@ class EvalConfig:
     crf_bi_rgb_std: float = 3.0
     crf_bi_w: float = 4.0
     panels: int = 4  # PNG panels written per evaluation
+    batch_size: int = 8  # images per forward pass of wsss.eval / wsss.infer (scales and flips batched too)
+    crf_workers: int = 0  # threads running CPU dense CRFs beside the forward passes (0 = torch's intra-op
+    # threads); with a CUDA build the CRF of CUDA predictions runs on the GPU instead
     layerwise: bool = False  # AReAM: pseudo-label mIoU of each single layer's affinity (table + plot)
 
 
@@ -197,6 +200,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "off"  # off | bf16 | fp16
+    tf32: bool = True  # CUDA: TF32 for fp32 matmuls and convolutions (wsss.utils.device.configure_precision)
     impl: str = "auto"  # kernels: auto | reference | triton
     compile: bool = False  # torch.compile the backbone (GPU; slow to warm up on a CPU)
     resume: str = ""  # checkpoint to resume from

@@ -20,6 +20,7 @@ A segmentation label, when given, undergoes the same geometry (nearest neighbour
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -68,13 +69,23 @@ def normalize(img: np.ndarray) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(dtype: torch.dtype, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std (3,1,1) on ``device``, copied there once: a host → device copy
+    per call would block the host on every training step. Made outside inference mode, so a
+    first call from an inference-mode evaluation does not cache tensors autograd refuses."""
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype).view(3, 1, 1).to(device)
+        std = torch.tensor(IMAGENET_STD, dtype=dtype).view(3, 1, 1).to(device)
+    return mean, std
+
+
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize` for tensors (...,3,H,W): ``x·std + mean`` in [0,1] (SPEC §1).
     Keeps the device and dtype of ``x``."""
     if not torch.is_tensor(x) or x.dim() < 3 or x.shape[-3] != 3:
         raise ValueError(f"x must be a tensor of shape (..., 3, H, W), got {getattr(x, 'shape', type(x))}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean, std = _mean_std(x.dtype, x.device)
     return x * std + mean
 
 

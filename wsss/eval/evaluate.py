@@ -19,11 +19,12 @@ import torch
 from wsss.config import Config, save_config
 from wsss.data import DatasetError, build_segmentation_set
 from wsss.methods import get_method
-from wsss.utils.device import resolve_device
+from wsss.utils.device import configure_precision, resolve_device
 from wsss.utils.distributed import all_reduce_confusion, rank_and_world, shard
 from wsss.utils.logging import get_logger
 from wsss.utils.preflight import extension_problem, missing_file, raise_if
 
+from .engine import stream
 from .metrics import ConfusionMatrix
 from .report import colorize, format_markdown, heatmap, plot_series, results_table, save_panel, write_csv
 
@@ -64,6 +65,7 @@ def _load_data(cfg: Config, protocols) -> Dict:
 def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
     log = get_logger()
     device = resolve_device(cfg.device)
+    configure_precision(device, cfg.tf32)
     rank, world = rank_and_world()
     method = get_method(cfg.model.method)
     # checked before the model is built or any image is read: every problem in one message
@@ -93,8 +95,9 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
     for name, (_, r) in rows.items():
         mats[name] = {t: ConfusionMatrix(K) for t in r.sweep} if r.sweep else ConfusionMatrix(K)
     background = {s: ConfusionMatrix(K) for s in splits}
-    seconds = {p.name: 0.0 for p in protocols}
-    counts = {}
+    seconds = {p.name: 0.0 for p in protocols}  # the network part of each protocol
+    wall, counts = {}, {}
+    panels = [0]
     with torch.no_grad():
         for split, ds in splits.items():
             on_split = [p for p in protocols if p.split == split]
@@ -102,31 +105,42 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
                 continue
             n = len(ds) if not limits[split] else min(limits[split], len(ds))
             counts[split] = n
-            for i in shard(n):
-                item = ds[i]
-                gt = item["label"]
-                background[split].update(torch.zeros_like(gt), gt)
-                preds = {}
+
+            def predict(batch, on_split=on_split):
+                outs = [{} for _ in batch]
                 for p in on_split:
                     t0 = time.time()
-                    preds[p.name] = p.predict(model, item, device)
+                    for out, pred in zip(outs, p.predict(model, batch, device)):
+                        out[p.name] = pred
+                    seconds[p.name] += time.time() - t0
+                return outs
+
+            def consume(item, preds, split=split, on_split=on_split):
+                gt = item["label"]
+                background[split].update(torch.zeros_like(gt), gt)
+                for p in on_split:
                     for name, pred in preds[p.name].items():
                         if isinstance(pred, dict):
                             for t, lab in pred.items():
                                 mats[name][t].update(lab, gt)
                         else:
                             mats[name].update(pred, gt)
-                    seconds[p.name] += time.time() - t0
-                if rank == 0 and i < cfg.eval.panels:
+                if rank == 0 and panels[0] < cfg.eval.panels:
+                    panels[0] += 1
                     first = on_split[0]
                     _write_panel(method, model, item, cfg, device, out_dir / "panels", first.rows[0].name,
                                  preds[first.name][first.rows[0].name])
+
+            t0 = time.time()
+            stream(ds, shard(n), predict, consume, cfg, device, crf=cfg.eval.crf)
+            wall[split] = time.time() - t0
     flat = [m for v in mats.values() for m in (v.values() if isinstance(v, dict) else [v])]
     all_reduce_confusion(flat + list(background.values()))
     if world > 1:  # the slowest rank's time is the wall time
-        t = torch.tensor(list(seconds.values()), dtype=torch.float64)
+        t = torch.tensor(list(seconds.values()) + list(wall.values()), dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        seconds = dict(zip(seconds, t.tolist()))
+        seconds = dict(zip(seconds, t.tolist()[:len(seconds)]))
+        wall = dict(zip(wall, t.tolist()[len(seconds):]))
 
     scored, baselines, notes, over = {}, {}, {}, {}
     for name, (p, r) in rows.items():
@@ -140,14 +154,18 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
     for row in table:
         row["protocol"] = rows[row["result"]][0].name
     header = (f"Evaluation of `{ckpt_path}` ({cfg.model.method}) on `{cfg.data.root}`, {world} process(es)\n\n"
-              + "\n".join(f"- {p.name} ({p.description}): {counts[p.split]} {p.split} images, {seconds[p.name]:.1f} s"
-                          for p in protocols))
+              + "\n".join(f"- {p.name} ({p.description}): {counts[p.split]} {p.split} images, network {seconds[p.name]:.1f} s"
+                          for p in protocols)
+              + "\n" + "\n".join(f"- {split} split: {counts[split]} images in {wall[split]:.1f} s wall time "
+                                  f"({counts[split] / max(wall[split], 1e-9):.2f} images/s, batches of "
+                                  f"{cfg.eval.batch_size}{', CRFs beside the network' if cfg.eval.crf else ''})"
+                                  for split in wall))
     series: Dict[str, list] = {}
     for row in table:
         r = rows[row["result"]][1]
         if r.series:
             series.setdefault(r.series[0], []).append((r.series[1], row["miou"]))
-    result = {"table": table, "out_dir": str(out_dir), "seconds": seconds, "series": series}
+    result = {"table": table, "out_dir": str(out_dir), "seconds": seconds, "wall_seconds": wall, "series": series}
     if rank == 0:
         class_names = list(next(iter(splits.values())).class_names)
         markdown = format_markdown(table, scored, class_names, header)
@@ -157,7 +175,8 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
                          + "".join(f"| {p} | {100 * v:.1f} |\n" for p, v in points))
         (out_dir / "results.md").write_text(markdown)
         write_csv(table, scored, class_names, out_dir / "results.csv")
-        (out_dir / "results.json").write_text(json.dumps({"table": table, "seconds": seconds}, indent=2))
+        (out_dir / "results.json").write_text(json.dumps({"table": table, "seconds": seconds, "wall_seconds": wall},
+                                                         indent=2))
         result["markdown"] = markdown
         log.info("evaluation written to %s", out_dir)
     return result

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from wsss.config import Config
@@ -41,11 +40,12 @@ from wsss.data import DatasetError
 from wsss.data.folder import ImageFolder, class_names_for, split_images
 from wsss.data.synthetic import voc_palette
 from wsss.methods import IGNORE, get_method
-from wsss.utils.device import resolve_device
+from wsss.utils.device import configure_precision, resolve_device
 from wsss.utils.distributed import rank_and_world, shard
 from wsss.utils.logging import get_logger
 from wsss.utils.preflight import PreflightError, extension_problem, missing_file, raise_if
 
+from .engine import stream
 from .report import colorize
 
 SERVER_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"  # SPEC §4 "Test set"
@@ -219,6 +219,7 @@ def export_predictions(cfg: Config, ckpt, out, *, split: Optional[str] = None, i
     plan = _Plan(cfg, ckpt, out, split, images, recursive, protocol, row, voc_server, overlays, limit)
     ds, export, row = plan.dataset, plan.export, plan.row
     device = resolve_device(cfg.device)
+    configure_precision(device, cfg.tf32)
     model, C = load_model(cfg, ckpt, device)
     if split is not None and ds.num_classes != C:
         raise PreflightError("export", [f"--ckpt={ckpt} has {C} classes but split {split!r} of data.root="
@@ -240,15 +241,16 @@ def export_predictions(cfg: Config, ckpt, out, *, split: Optional[str] = None, i
         with Image.open(plan.outputs(ds.names[i])["mask"]) as im:
             classes[ds.names[i]] = _present_classes(np.array(im))
 
-    t0, written = time.time(), 0
-    loader = DataLoader(Subset(ds, mine), batch_size=None, num_workers=cfg.data.num_workers)
+    t0, written, done_now = time.time(), 0, 0
     show = rank == 0 and sys.stderr.isatty()
     every = max(1, math.ceil(LOG_EVERY * len(mine)))
     what = f"{export.name} row {row}"
     with tqdm(total=len(mine), unit="img", desc=what, disable=not show, dynamic_ncols=True) as bar:
-        for k, item in enumerate(loader, 1):
+
+        def consume(item, labels):
+            nonlocal written, done_now
             name = item["name"]
-            labels = export.predict(model, item, device, row).cpu().numpy()
+            labels = labels.cpu().numpy()
             _check_labels(labels, item, C, what)
             for kind, path in plan.outputs(name).items():
                 if path.is_file():
@@ -257,9 +259,13 @@ def export_predictions(cfg: Config, ckpt, out, *, split: Optional[str] = None, i
                 written += write_atomic(path, mask_png(labels) if kind == "mask" else overlay_png(rgb, labels))
             classes[name] = _present_classes(labels)
             bar.update()
-            if not show and rank == 0 and (k % every == 0 or k == len(mine)):
-                rate = k / max(time.time() - t0, 1e-9)
-                log.info("%d/%d images, %.2f images/s, ETA %.0f s", k, len(mine), rate, (len(mine) - k) / rate)
+            done_now += 1
+            if not show and rank == 0 and (done_now % every == 0 or done_now == len(mine)):
+                rate = done_now / max(time.time() - t0, 1e-9)
+                log.info("%d/%d images, %.2f images/s, ETA %.0f s", done_now, len(mine), rate,
+                         (len(mine) - done_now) / rate)
+
+        stream(ds, mine, lambda batch: export.predict(model, batch, device, row), consume, cfg, device)
     seconds = time.time() - t0
 
     _write_classes_csv(plan.out, rank, world, classes, class_names, [ds.names[i] for i in plan.indices])

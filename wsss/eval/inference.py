@@ -9,6 +9,7 @@ import torch
 from wsss.methods import get_method
 from wsss.utils.distributed import all_reduce_confusion, shard
 
+from .engine import stream
 from .metrics import ConfusionMatrix
 
 
@@ -25,10 +26,15 @@ def quick_validate(model, val_ds, cfg, device, max_images: int = 0) -> Dict[str,
     K = val_ds.num_classes + 1
     mats: Dict[str, ConfusionMatrix] = {}
     n = len(val_ds) if not max_images else min(max_images, len(val_ds))
-    for i in shard(n):
-        item = val_ds[i]
-        for col, pred in method.validate(model, item, cfg, device).items():
+
+    def predict(batch):
+        return [method.validate(model, item, cfg, device) for item in batch]
+
+    def consume(item, cols):
+        for col, pred in cols.items():
             mats.setdefault(col, ConfusionMatrix(K)).update(pred, item["label"])
+
+    stream(val_ds, shard(n), predict, consume, cfg, device, crf=False)
     if not mats:  # a rank without images still takes part in the reduction
         probe = val_ds[0]
         mats = {col: ConfusionMatrix(K) for col in method.validate(model, probe, cfg, device)}

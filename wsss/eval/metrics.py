@@ -22,24 +22,67 @@ class ConfusionMatrix:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self._matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self._device_counts: Optional[torch.Tensor] = None  # (K*K + 2,) int64 on an accelerator
 
     def update(self, pred, gt) -> None:
-        pred = torch.as_tensor(pred).reshape(-1).long().cpu()
-        gt = torch.as_tensor(gt).reshape(-1).long().cpu()
+        """Adds one prediction. On the CPU it is checked at once; on an accelerator the counts
+        stay on the device (no host sync per image) and labels out of range are counted there
+        and reported when :attr:`matrix` is next read."""
+        pred = torch.as_tensor(pred).reshape(-1)
+        gt = torch.as_tensor(gt).reshape(-1).to(pred.device)
         if pred.shape != gt.shape:
             raise ValueError(f"pred and gt differ in size: {pred.numel()} vs {gt.numel()}")
+        pred, gt = pred.long(), gt.long()
+        if pred.device.type == "cpu":
+            self._update_checked(pred, gt)
+        else:
+            self._update_deferred(pred, gt)
+
+    def _update_checked(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        K = self.num_classes
         keep = gt != self.ignore_index
         pred, gt = pred[keep], gt[keep]
-        K = self.num_classes
         if gt.numel() and (int(gt.min()) < 0 or int(gt.max()) >= K):
             raise ValueError(f"gt holds labels outside 0..{K - 1} and {self.ignore_index}")
         if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= K):
             raise ValueError(f"pred holds labels outside 0..{K - 1}")
-        self.matrix += torch.bincount(gt * K + pred, minlength=K * K).reshape(K, K).numpy()
+        self._matrix += torch.bincount(gt * K + pred, minlength=K * K).reshape(K, K).numpy()
+
+    def _update_deferred(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        """Counts on ``pred``'s device without a host sync; two extra bins count the pixels with
+        bad gt / bad pred, reported by :meth:`_flush`."""
+        K = self.num_classes
+        keep = gt != self.ignore_index
+        bad_gt = keep & ((gt < 0) | (gt >= K))
+        bad_pred = keep & ~bad_gt & ((pred < 0) | (pred >= K))
+        good = keep & ~bad_gt & ~bad_pred
+        index = torch.where(good, gt * K + pred, torch.where(bad_gt, K * K, K * K + 1))
+        if self._device_counts is None or self._device_counts.device != pred.device:
+            self._flush()
+            self._device_counts = torch.zeros(K * K + 2, dtype=torch.long, device=pred.device)
+        self._device_counts.index_put_((index,), keep.long(), accumulate=True)
+
+    def _flush(self) -> None:
+        if self._device_counts is None:
+            return
+        counts = self._device_counts.cpu().numpy()
+        self._device_counts = None
+        K = self.num_classes
+        self._matrix += counts[:K * K].reshape(K, K)
+        if counts[K * K]:
+            raise ValueError(f"gt holds labels outside 0..{K - 1} and {self.ignore_index}")
+        if counts[K * K + 1]:
+            raise ValueError(f"pred holds labels outside 0..{K - 1}")
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The (K,K) int64 counts (a device-side accumulation is copied in first; one sync)."""
+        self._flush()
+        return self._matrix
 
     def merge(self, other: "ConfusionMatrix") -> None:
-        self.matrix += other.matrix
+        self.matrix[...] += other.matrix
 
     def iou(self) -> np.ndarray:
         """Per-class IoU; NaN for a class absent from both ground truth and prediction."""

@@ -15,7 +15,7 @@ from wsss.data.transforms import denormalize
 from wsss.kernels import masked_sigmoid_affinity_loss_qk
 from wsss.losses import classification_loss
 
-from .base import IGNORE, Method, Protocol, Row, Schedule, bare, image_size, make_par
+from .base import IGNORE, Method, Protocol, Row, Schedule, bare, image_size, make_par, per_item
 from .export import Export
 
 
@@ -43,18 +43,17 @@ class AReAMLosses:
             model.load_layer_entropy(cfg.aream.entropy_file)
 
     @torch.no_grad()
-    def pseudo_labels(self, model, images, y, valid, cfg) -> torch.Tensor:
+    def pseudo_labels(self, model, images, y, valid, cfg, max_classes=None, refine_weights=None) -> torch.Tensor:
         """Entropy-weighted affinity-refined CAM → PAR with the two background scores (B,H,W).
 
         ``images`` are the augmented training batch (timm's transform with random erasing, as the
         official code feeds them); the model stays in training mode, so stochastic depth is
-        active in this no-grad pass too (SPEC §5)."""
+        active in this no-grad pass too (SPEC §5). ``refine_weights``: the model's refinement
+        weights when the caller has them already; ``max_classes``: see ``aream_par_labels``."""
         a = cfg.aream
-        refine_w, _ = model.layer_weights(a.entropy)
+        refine_w = model.layer_weights(a.entropy)[0] if refine_weights is None else refine_weights
         cam = multi_scale_aream_cam(model, images, tuple(a.scales), a.layer_index, refine_w, impl=cfg.impl)
-        label = aream_par_labels(images, cam, y, cfg)
-        label[~valid] = IGNORE
-        return label
+        return aream_par_labels(images, cam, y, cfg, max_classes).masked_fill_(~valid, IGNORE)
 
     def __call__(self, model, batch, step: int, cfg, schedule: Schedule, amp_ctx):
         images, y, valid = batch["image"], batch["cls_label"], batch["valid"]
@@ -75,9 +74,10 @@ class AReAMLosses:
             k = torch.stack([out.qk[i][1].detach() for i in range(L)])
             estimate = layer_entropy_bits(F.relu(out.cam.detach().float()), q, k, y, net.attn_scale, cfg.impl)
             net.update_layer_entropy(estimate.mean(dim=1), a.entropy_momentum)
-        label = self.pseudo_labels(net, images, y, valid, cfg)
+        refine_w, loss_w = net.layer_weights(a.entropy)  # once per step: the model reads its update count
+        # "max_classes": counted by the training loop on the loader's host labels (no device read)
+        label = self.pseudo_labels(net, images, y, valid, cfg, batch.get("max_classes"), refine_w)
         token_label = F.interpolate(label[:, None].float(), size=out.cam.shape[-2:], mode="nearest")[:, 0].long()
-        _, loss_w = net.layer_weights(a.entropy)
         terms = []
         for i in range(a.layer_index, L):
             q, k = out.qk[i]
@@ -89,12 +89,14 @@ class AReAMLosses:
 
 
 @torch.no_grad()
-def aream_par_labels(images: torch.Tensor, cam: torch.Tensor, y: torch.Tensor, cfg) -> torch.Tensor:
+def aream_par_labels(images: torch.Tensor, cam: torch.Tensor, y: torch.Tensor, cfg, max_classes=None) -> torch.Tensor:
     """AReAM's pseudo labels from its refined CAM (SPEC §5): the label-masked CAM → PAR with the
-    two background scores ``score_h`` / ``score_l``; (B,H,W), IGNORE where uncertain."""
+    two background scores ``score_h`` / ``score_l``; (B,H,W), IGNORE where uncertain.
+    ``max_classes``: the most classes of one image (``refine_cams_with_bkg``; None reads ``y``)."""
     a = cfg.aream
     return refine_cams_with_bkg(denormalize(images), cam * y[:, :, None, None], y, a.score_h, a.score_l,
-                                ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg))
+                                ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale, par=make_par(cfg),
+                                max_classes=max_classes)
 
 
 def _refine_weights(model, cfg):
@@ -198,7 +200,7 @@ class AReAMMethod(Method):
             y = item["cls_label"][None].to(device)
             return {row.name: {t: cam_to_label(maps, y, bkg_thre=t)[1][0] for t in sweep}}
 
-        return Protocol("official", "train", [row], predict, "official pseudo-label evaluation (evaluate.py)")
+        return Protocol("official", "train", [row], per_item(predict), "official pseudo-label evaluation (evaluate.py)")
 
     def _analysis(self, cfg) -> Protocol:
         """wsss's rows: CAM, class-attention-gated CAM, the training-time refined CAM (entropy
@@ -235,7 +237,7 @@ class AReAMMethod(Method):
             out[par_r.name] = torch.where(lab == IGNORE, 0, lab)[0]  # uncertain pixels count as background
             return out
 
-        return Protocol("analysis", "train", rows + layer_rows, predict, "wsss analysis rows (not official)")
+        return Protocol("analysis", "train", rows + layer_rows, per_item(predict), "wsss analysis rows (not official)")
 
     def exports(self, cfg) -> Dict[str, Export]:
         """``pseudo-labels``: the training-time pseudo labels (as ``AReAMLosses.pseudo_labels``) of
@@ -255,7 +257,7 @@ class AReAMMethod(Method):
         rows = {"par": f"AReAM CAM (aream.scales {list(a.scales)} + flip) → PAR with background scores "
                        f"{a.score_h:g} / {a.score_l:g}, {IGNORE} where uncertain (the training's labels)",
                 "raw": f"AReAM CAM, bkg {cfg.eval.bkg_thre:g}"}
-        return {"pseudo-labels": Export("pseudo-labels", rows, predict, needs_image_labels=True,
+        return {"pseudo-labels": Export("pseudo-labels", rows, per_item(predict), needs_image_labels=True,
                                         description="training-time pseudo labels")}
 
     def panel(self, model, item, cfg, device):

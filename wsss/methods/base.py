@@ -38,15 +38,27 @@ class Row:
 
 @dataclass
 class Protocol:
-    """A named evaluation protocol on one split. ``predict(model, item, device)`` returns, for one
-    data-set item, ``{row name: (H,W) label tensor}`` (or ``{row name: {threshold: labels}}`` for
-    a swept row) at the item's label size."""
+    """A named evaluation protocol on one split. ``predict(model, batch, device)`` returns, for
+    each data-set item of ``batch`` (a list; ``wsss.eval.engine.Batch`` in the engine),
+    ``{row name: (H,W) label tensor}`` (or ``{row name: {threshold: labels}}`` for a swept row)
+    at the item's label size; a label may be a future of one (a CRF running beside the network,
+    ``wsss.eval.engine.crf_call``)."""
 
     name: str
     split: str  # "train" | "val"
     rows: List[Row]
     predict: Callable
     description: str = ""
+
+
+def per_item(predict: Callable) -> Callable:
+    """A batch ``predict(model, batch, device, *args)`` from a one-item ``predict(model, item,
+    device, *args)`` (protocols whose inputs keep each image's own size)."""
+
+    def batched(model, batch, device, *args):
+        return [predict(model, item, device, *args) for item in batch]
+
+    return batched
 
 
 def stage_first_iteration(fraction: float, max_iters: int) -> int:
@@ -156,7 +168,6 @@ class Method:
 def make_par(cfg):
     return partial(par_refine, dilations=tuple(cfg.cam.par_dilations), num_iter=cfg.cam.par_iters, impl=cfg.impl)
 
-
 def bare(model):
     """The module under DDP's wrapper (for no-grad passes that must not touch DDP's hooks)."""
     return getattr(model, "module", model)
@@ -182,16 +193,38 @@ def to_label_size(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def crf_labels(image_uint8: torch.Tensor, probs: torch.Tensor, cfg, keys: torch.Tensor = None) -> torch.Tensor:
-    """Dense CRF (SPEC §6.3) with ``cfg.eval``'s parameters (official: t=10, 1/3/67/3/4) on the
-    original image; argmax, mapped through ``keys`` when the channels are a subset of classes."""
+def _crf_on_device(probs: torch.Tensor) -> bool:
+    """The CRF of ``probs`` runs where they are: on CUDA when ``wsss._C`` has a CUDA kernel."""
+    if probs.device.type != "cuda":
+        return False
+    from wsss.crf._ext import ops
+
+    ops()
+    return torch._C._dispatch_has_kernel_for_dispatch_key("wsss::dense_crf", "CUDA")
+
+
+def _crf_argmax(image_b3hw: torch.Tensor, probs_bkhw: torch.Tensor, params: tuple, keys, threads: int):
     from wsss.crf import dense_crf_batch
 
+    lab = dense_crf_batch(image_b3hw, probs_bkhw, *params, num_threads=threads)[0].argmax(dim=0)
+    return lab if keys is None else keys.to(lab.device)[lab]
+
+
+def crf_labels(image_uint8: torch.Tensor, probs: torch.Tensor, cfg, keys: torch.Tensor = None):
+    """Dense CRF (SPEC §6.3) with ``cfg.eval``'s parameters (official: t=10, 1/3/67/3/4) on the
+    original image; argmax, mapped through ``keys`` when the channels are a subset of classes.
+    On CUDA with a CUDA build it runs on the GPU, else on the CPU; inside the inference
+    engine's stream (``wsss.eval.engine``) a CPU CRF runs on its thread pool and this returns
+    a future of the labels."""
+    from wsss.eval.engine import crf_call, crf_threads
+
     e = cfg.eval
-    q = dense_crf_batch(image_uint8.permute(2, 0, 1)[None].cpu(), probs[None].float().cpu(), e.crf_iters,
-                        e.crf_pos_xy_std, e.crf_pos_w, e.crf_bi_xy_std, e.crf_bi_rgb_std, e.crf_bi_w)
-    lab = q[0].argmax(dim=0)
-    return lab if keys is None else keys.cpu()[lab]
+    params = (e.crf_iters, e.crf_pos_xy_std, e.crf_pos_w, e.crf_bi_xy_std, e.crf_bi_rgb_std, e.crf_bi_w)
+    if _crf_on_device(probs):
+        image = image_uint8.to(probs.device, non_blocking=True).permute(2, 0, 1)[None]
+        return _crf_argmax(image, probs[None].float(), params, keys, 0)
+    image = image_uint8.permute(2, 0, 1)[None].cpu()
+    return crf_call(_crf_argmax, image, probs[None].float().cpu(), params, keys, crf_threads())
 
 
 def cam_crf_labels(image_uint8: torch.Tensor, valid_cam: torch.Tensor, classes: torch.Tensor, cfg) -> torch.Tensor:
@@ -201,5 +234,5 @@ def cam_crf_labels(image_uint8: torch.Tensor, valid_cam: torch.Tensor, classes: 
     present = valid_cam[classes]
     bkg = 1.0 - (present.amax(dim=0, keepdim=True) if len(classes) else torch.zeros_like(valid_cam[:1]))
     probs = torch.cat([bkg, present], dim=0)
-    keys = torch.cat([torch.zeros(1, dtype=torch.long), classes.cpu() + 1])
+    keys = torch.cat([classes.new_zeros(1), classes + 1])
     return crf_labels(image_uint8, probs, cfg, keys)

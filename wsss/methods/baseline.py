@@ -13,6 +13,8 @@ from wsss.cam import cam_to_label, multi_scale_cam, normalize_maps, refine_cams_
 from wsss.data.transforms import denormalize
 from wsss.losses import classification_loss, seg_loss
 
+from wsss.eval.engine import as_batch
+
 from .base import (IGNORE, Method, Protocol, Row, Schedule, bare, cam_crf_labels, crf_labels, image_size, make_par,
                    resize_square, to_label_size)
 from .export import Export, protocol_export
@@ -31,12 +33,10 @@ def training_cams(model, images, cfg):
 
 
 @torch.no_grad()
-def refined_pseudo_labels(images, cam, cls_label, valid, cfg):
+def refined_pseudo_labels(images, cam, cls_label, valid, cfg, max_classes=None):
     """Label-masked CAM → PAR with two background scores (SPEC §3 steps 2–3); IGNORE outside
-    ``valid`` (a crop's padding)."""
-    label = par_pseudo_labels(images, cam, cls_label, cfg)
-    label[~valid] = IGNORE
-    return label
+    ``valid`` (a crop's padding). ``max_classes``: see :func:`par_pseudo_labels`."""
+    return par_pseudo_labels(images, cam, cls_label, cfg, max_classes).masked_fill_(~valid, IGNORE)
 
 
 def baseline_losses(model, batch, step: int, cfg, schedule: Schedule, amp_ctx) -> Dict[str, torch.Tensor]:
@@ -48,9 +48,11 @@ def baseline_losses(model, batch, step: int, cfg, schedule: Schedule, amp_ctx) -
               "aux": cfg.loss.w_aux * classification_loss(out.aux_cls_logits, cls_label)}
     if seg_on:
         cam, _ = training_cams(model, images, cfg)
-        label = refined_pseudo_labels(images, cam, cls_label, valid, cfg)
+        # "max_classes": counted by the training loop on the loader's host labels (no device read)
+        label = refined_pseudo_labels(images, cam, cls_label, valid, cfg, batch.get("max_classes"))
         seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        losses["seg"] = cfg.loss.w_seg * seg_loss(seg, label, IGNORE)
+        # the pseudo label is in range by construction: no label check (a host sync)
+        losses["seg"] = cfg.loss.w_seg * seg_loss(seg, label, IGNORE, check_labels=False)
     else:
         losses["seg"] = idle_decoder_term(out)
     return losses
@@ -63,30 +65,40 @@ def eval_input_size(cfg) -> int:
     return cfg.eval.input_size or cfg.data.crop_size
 
 
+def square_batch(batch, size: int, device) -> torch.Tensor:
+    """(B,3,S,S): each item's normalised image resized to ``size × size`` (bilinear, one image
+    at a time, as the official scripts do per image), stacked on ``device``."""
+    return torch.cat([resize_square(item["image"][None].to(device, non_blocking=True), size) for item in batch])
+
+
 @torch.no_grad()
-def fused_segmentation_logits(model, image: torch.Tensor, scales, base_size: int, out_size) -> torch.Tensor:
-    """SPEC §4 E3: for each scale a square ``base_size·s`` input and its flip, logits resized to
-    the label size, the un-flipped flip logits added, element-wise max over scales. (B,K,H,W)."""
-    fused = None
-    B = image.shape[0]
+def fused_segmentation_logits(model, images, scales, base_size: int, out_sizes) -> list:
+    """SPEC §4 E3 for a batch: for each scale a square ``base_size·s`` input and its flip,
+    logits resized to each image's label size, the un-flipped flip logits added, element-wise
+    max over scales. ``images``: a sequence of (1,3,H,W) (any sizes); ``out_sizes`` one (h,w)
+    each. One forward pass per scale for the whole batch. Returns a list of (1,K,h,w)."""
+    B = len(images)
+    fused = [None] * B
     for s in scales:
         side = int(round(base_size * s))
-        x = resize_square(image, side)
+        x = torch.cat([resize_square(im, side) for im in images])
         logits = model(torch.cat([x, x.flip(-1)]), with_score_maps=False).seg_logits.float()
-        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
-        logits = logits[:B] + logits[B:].flip(-1)
-        fused = logits if fused is None else torch.maximum(fused, logits)
+        for i, size in enumerate(out_sizes):
+            pair = F.interpolate(logits[i::B], size=tuple(size), mode="bilinear", align_corners=False)
+            one = pair[:1] + pair[1:].flip(-1)
+            fused[i] = one if fused[i] is None else torch.maximum(fused[i], one)
     return fused
 
 
 @torch.no_grad()
-def par_pseudo_labels(images: torch.Tensor, maps: torch.Tensor, y: torch.Tensor, cfg) -> torch.Tensor:
+def par_pseudo_labels(images: torch.Tensor, maps: torch.Tensor, y: torch.Tensor, cfg, max_classes=None) -> torch.Tensor:
     """The training's refinement (SPEC §3 steps 2–3) of maps at the image size: the label-masked
     maps → PAR with the background scores ``cam.high_thre`` / ``cam.low_thre``. ``images``
-    (B,3,H,W) normalised; (B,H,W) labels, IGNORE where uncertain."""
+    (B,3,H,W) normalised; (B,H,W) labels, IGNORE where uncertain. ``max_classes``: the most
+    classes of one image (``refine_cams_with_bkg``; None reads it from ``y``, a device read)."""
     return refine_cams_with_bkg(denormalize(images), maps * y[:, :, None, None], y, cfg.cam.high_thre,
                                 cfg.cam.low_thre, ignore_index=IGNORE, down_scale=cfg.cam.par_down_scale,
-                                par=make_par(cfg))
+                                par=make_par(cfg), max_classes=max_classes)
 
 
 def _present(y: torch.Tensor) -> torch.Tensor:
@@ -144,13 +156,19 @@ class BaselineMethod(Method):
             return multi_scale_cam(model, x, scales, out_size=size)[0]
         raise ValueError(kind)
 
-    def _item_maps(self, model, item, device, kind: str, cfg):
-        """(E1's CAM/LAM of one item at its image size (1,C,H,W), its image labels (1,C)): the
-        image resized to the square input size, ``eval.cam_scales`` + flip (SPEC §4)."""
-        S = eval_input_size(cfg)
-        x = resize_square(item["image"][None].to(device), S)
-        maps = to_label_size(self._maps(model, x, kind, tuple(cfg.eval.cam_scales), (S, S)), image_size(item))
-        return maps, item["cls_label"][None].to(device)
+    def _batch_maps(self, model, batch, device, kind: str, cfg):
+        """E1's CAM/LAM of a batch: one (1,C,H,W) map per item at its image size, and the image
+        labels (B,C): every image resized to the square input size, ``eval.cam_scales`` + flip
+        (SPEC §4), one forward pass per scale for the batch; computed once per batch for all the
+        protocols that read it."""
+        S, scales = eval_input_size(cfg), tuple(cfg.eval.cam_scales)
+
+        def compute():
+            maps = self._maps(model, square_batch(batch, S, device), kind, scales, (S, S))
+            per_item = [to_label_size(maps[i:i + 1], image_size(item)) for i, item in enumerate(batch)]
+            return per_item, torch.stack([item["cls_label"] for item in batch]).to(device)
+
+        return as_batch(batch).memo(("maps", kind, scales, S), compute)
 
     def _e1(self, cfg, kind: str) -> Protocol:
         """E1 pseudo-label quality (train, ground-truth image labels, SPEC §4)."""
@@ -161,16 +179,16 @@ class BaselineMethod(Method):
         if cfg.eval.crf:
             rows.append(Row(f"E1 {kind} + CRF pseudo labels (train)", "crf_post, dense CRF t=10 1/3/67/3/4"))
 
-        def predict(model, item, device):
-            x = resize_square(item["image"][None].to(device), S)
-            y = item["cls_label"][None].to(device)
-            size = image_size(item)
-            maps = to_label_size(self._maps(model, x, kind, scales, (S, S)), size)
-            valid, lab = cam_to_label(maps, y, bkg_thre=bkg)
-            out = {raw.name: lab[0]}
-            if cfg.eval.crf:
-                out[rows[1].name] = cam_crf_labels(item["image_uint8"], valid[0], _present(y[0]), cfg)
-            return out
+        def predict(model, batch, device):
+            maps, ys = self._batch_maps(model, batch, device, kind, cfg)
+            outs = []
+            for item, m, y in zip(batch, maps, ys):
+                valid, lab = cam_to_label(m, y[None], bkg_thre=bkg)
+                out = {raw.name: lab[0]}
+                if cfg.eval.crf:
+                    out[rows[1].name] = cam_crf_labels(item["image_uint8"], valid[0], _present(y), cfg)
+                outs.append(out)
+            return outs
 
         return Protocol(f"E1-{kind}", "train", rows, predict, "pseudo-label quality (infer_cam/infer_lam)")
 
@@ -183,13 +201,16 @@ class BaselineMethod(Method):
         if cfg.eval.crf:
             rows.append(Row("E3 segmentation + CRF (val)", "softmax of the fused logits, dense CRF t=10 1/3/67/3/4"))
 
-        def predict(model, item, device):
-            image = item["image"][None].to(device)
-            logits = fused_segmentation_logits(model, image, scales, S, image_size(item))
-            out = {raw.name: logits.argmax(dim=1)[0]}
-            if cfg.eval.crf:
-                out[rows[1].name] = crf_labels(item["image_uint8"], logits[0].softmax(dim=0), cfg)
-            return out
+        def predict(model, batch, device):
+            images = [item["image"][None].to(device, non_blocking=True) for item in batch]
+            fused = fused_segmentation_logits(model, images, scales, S, [image_size(item) for item in batch])
+            outs = []
+            for item, logits in zip(batch, fused):
+                out = {raw.name: logits.argmax(dim=1)[0]}
+                if cfg.eval.crf:
+                    out[rows[1].name] = crf_labels(item["image_uint8"], logits[0].softmax(dim=0), cfg)
+                outs.append(out)
+            return outs
 
         return Protocol("E3", "val", rows, predict, "segmentation head (infer_seg_voc)")
 
@@ -200,12 +221,15 @@ class BaselineMethod(Method):
         swept = Row(f"extra: {kind} pseudo labels, best threshold (train)", f"sweep {list(sweep)}", sweep=sweep)
         par = Row(f"extra: {kind} + PAR pseudo labels (train)", f"high {cfg.cam.high_thre:g} / low {cfg.cam.low_thre:g}")
 
-        def predict(model, item, device):
-            maps, y = self._item_maps(model, item, device, kind, cfg)
-            out = {swept.name: {t: cam_to_label(maps, y, bkg_thre=t)[1][0] for t in sweep}}
-            lab = par_pseudo_labels(item["image"][None].to(device), maps, y, cfg)
-            out[par.name] = torch.where(lab == IGNORE, 0, lab)[0]
-            return out
+        def predict(model, batch, device):
+            maps, ys = self._batch_maps(model, batch, device, kind, cfg)
+            outs = []
+            for item, m, y in zip(batch, maps, ys):
+                out = {swept.name: {t: cam_to_label(m, y[None], bkg_thre=t)[1][0] for t in sweep}}
+                lab = par_pseudo_labels(item["image"][None].to(device), m, y[None], cfg)
+                out[par.name] = torch.where(lab == IGNORE, 0, lab)[0]
+                outs.append(out)
+            return outs
 
         return Protocol(f"extra-{kind}", "train", [swept, par], predict, "threshold sweep and PAR (not official)")
 
@@ -220,9 +244,10 @@ class BaselineMethod(Method):
         """E1's rows, and ``par``: the ``extra-{kind}`` PAR labels with the uncertain pixels kept as
         IGNORE (the pseudo labels of a second-stage network)."""
 
-        def par(model, item, device):
-            maps, y = self._item_maps(model, item, device, kind, cfg)
-            return par_pseudo_labels(item["image"][None].to(device), maps, y, cfg)[0]
+        def par(model, batch, device):
+            maps, ys = self._batch_maps(model, batch, device, kind, cfg)
+            return [par_pseudo_labels(item["image"][None].to(device), m, y[None], cfg)[0]
+                    for item, m, y in zip(batch, maps, ys)]
 
         note = (f"E1 {kind} → PAR with background scores {cfg.cam.high_thre:g} / {cfg.cam.low_thre:g}, "
                 f"{IGNORE} where uncertain")

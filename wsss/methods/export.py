@@ -18,8 +18,9 @@ from typing import Callable, Dict, Optional, Tuple
 class Export:
     """One named export of a method.
 
-    ``predict(model, item, device, row)`` returns (H,W) int64 labels at the item's original image
-    size: class indices 0..C, and ``IGNORE`` only in rows that say so. ``rows``: row key → what it
+    ``predict(model, batch, device, row)`` returns, for each item of ``batch`` (a list of data-set
+    items), (H,W) int64 labels at the item's original image size (or a future of them, see
+    ``wsss.eval.engine``): class indices 0..C, and ``IGNORE`` only in rows that say so. ``rows``: row key → what it
     is, the first being the default (``crf`` is the default instead when ``eval.crf`` is on).
     ``needs_image_labels``: the prediction reads the item's ground-truth ``cls_label`` (E1, PAR,
     AReAM); otherwise it reads only ``image`` and ``image_uint8``, so it runs on a test split or a
@@ -44,18 +45,19 @@ def protocol_export(make_protocol: Callable, cfg, needs_image_labels: bool,
     """An :class:`Export` of the protocol ``make_protocol(cfg)`` builds: row ``raw`` is its first
     row, ``crf`` its CRF row (the protocol is built with ``eval.crf`` on only for that row, so the
     CRF runs only when asked for). ``extra``: more rows, key → (description, ``predict(model,
-    item, device)``)."""
+    batch, device)``)."""
     plain, with_crf = make_protocol(_with_crf(cfg, False)), make_protocol(_with_crf(cfg, True))
     crf_row = with_crf.rows[1]
     rows = {"raw": f"{plain.rows[0].name}: {plain.rows[0].note}", "crf": f"{crf_row.name}: {crf_row.note}"}
     extra = dict(extra or {})
     rows.update({key: text for key, (text, _) in extra.items()})
 
-    def predict(model, item, device, row: str):
+    def predict(model, batch, device, row: str):
         if row in extra:
-            return extra[row][1](model, item, device)
+            return extra[row][1](model, batch, device)
         protocol = with_crf if row == "crf" else plain
-        return protocol.predict(model, item, device)[protocol.rows[1 if row == "crf" else 0].name]
+        name = protocol.rows[1 if row == "crf" else 0].name
+        return [out[name] for out in protocol.predict(model, batch, device)]
 
     return Export(plain.name, rows, predict, needs_image_labels, plain.description)
 

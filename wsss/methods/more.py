@@ -14,13 +14,20 @@ from wsss.losses import (DenseEnergyLoss, classification_loss, cle_loss, seg_los
                          une_loss)
 
 from .base import IGNORE, Protocol, Row, Schedule, cam_crf_labels, image_size, resize_square, to_label_size
-from .baseline import BaselineMethod, eval_input_size, idle_decoder_term, refined_pseudo_labels, training_cams
+from .baseline import (BaselineMethod, eval_input_size, idle_decoder_term, refined_pseudo_labels, square_batch,
+                       training_cams)
 from .export import protocol_export
 
 
-def _token_labels(cam, cls_label, size, high, low):
-    cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-    return cam_to_label(cam, cls_label, high_thre=high, low_thre=low, ignore_mid=True, ignore_index=IGNORE)[1]
+def _token_labels(cam_tokens, cls_label, high, low, invalid):
+    """SPEC §3 step 5 on a CAM already resized to the token grid; IGNORE where ``invalid``."""
+    label = cam_to_label(cam_tokens, cls_label, high_thre=high, low_thre=low, ignore_mid=True,
+                         ignore_index=IGNORE)[1]
+    return label.masked_fill_(invalid, IGNORE)
+
+
+def _to_tokens(cam, size):
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
 
 
 STAGED_LOSSES = ("ptc", "cle", "une", "seg", "reg")  # the fields of config.LossStarts
@@ -53,7 +60,8 @@ class MoReLosses:
         if cfg.loss.w_reg > 0:
             self.energy = DenseEnergyLoss(weight=cfg.loss.reg_weight, sigma_rgb=cfg.loss.reg_sigma_rgb,
                                           sigma_xy=cfg.loss.reg_sigma_xy, scale_factor=cfg.loss.reg_scale)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        # on the training device, so UNE draws its samples without a host round trip
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def __call__(self, model, batch, step: int, cfg, schedule: Schedule, amp_ctx):
         images, y, valid = batch["image"], batch["cls_label"], batch["valid"]
@@ -74,30 +82,33 @@ class MoReLosses:
         }
         if token_terms:
             size = out.patch_features.shape[-2:]
-            token_valid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] > 0
+            invalid = F.interpolate(valid[:, None].float(), size=size, mode="nearest")[:, 0] <= 0
+            aux_tokens = _to_tokens(cam_aux, size)
             # the aux labels (ptc; UNE before cam2mask) use the refined labels' thresholds (SPEC §3.0)
-            l_aux = _token_labels(cam_aux, y, size, cfg.cam.high_thre, cfg.cam.low_thre)
+            l_aux = _token_labels(aux_tokens, y, cfg.cam.high_thre, cfg.cam.low_thre, invalid)
             if step < schedule.cam2mask:
-                l_cle = _token_labels(cam_aux, y, size, lc.cle_high, lc.cle_low)
+                l_cle = _token_labels(aux_tokens, y, lc.cle_high, lc.cle_low, invalid)
                 l_une = l_aux
             else:
-                l_cle = l_une = _token_labels(cam, y, size, lc.main_high, lc.main_low)
-            for lab in (l_aux, l_cle, l_une):
-                lab[~token_valid] = IGNORE
+                l_cle = l_une = _token_labels(_to_tokens(cam, size), y, lc.main_high, lc.main_low, invalid)
             feats = out.patch_features.float()
+            # the token labels are in range by construction: the losses skip their label checks (host syncs)
             if "cle" in token_terms:
-                losses["cle"] = weights["cle"] * cle_loss(out.class_tokens, feats, l_cle, y, lc.cle_temp)
+                losses["cle"] = weights["cle"] * cle_loss(out.class_tokens, feats, l_cle, y, lc.cle_temp,
+                                                          check_labels=False)
             if "une" in token_terms:  # UNE has no temperature (SPEC §3.6)
-                losses["une"] = weights["une"] * une_loss(out.class_tokens, feats, l_une, y, generator=self.generator)
+                losses["une"] = weights["une"] * une_loss(out.class_tokens, feats, l_une, y, generator=self.generator,
+                                                          check_labels=False)
             if "ptc" in token_terms:
                 losses["ptc"] = weights["ptc"] * masked_cosine_affinity_loss(feats, l_aux, ignore_index=IGNORE,
                                                                               impl=cfg.impl)
         if pixel_terms:  # the PAR-refined label feeds only the segmentation and energy losses
-            label = refined_pseudo_labels(images, cam, y, valid, cfg)
+            # "max_classes": counted by the training loop on the loader's host labels (no device read)
+            label = refined_pseudo_labels(images, cam, y, valid, cfg, batch.get("max_classes"))
             seg = F.interpolate(out.seg_logits.float(), size=images.shape[-2:], mode="bilinear",
                                 align_corners=False)
             if "seg" in pixel_terms:
-                losses["seg"] = weights["seg"] * seg_loss(seg, label, IGNORE)
+                losses["seg"] = weights["seg"] * seg_loss(seg, label, IGNORE, check_labels=False)
             if "reg" in pixel_terms:
                 losses["reg"] = weights["reg"] * self.energy(images, seg, label, roi=valid.float())
         else:
@@ -167,17 +178,19 @@ class MoReMethod(BaselineMethod):
         if cfg.eval.crf:
             rows.append(Row("E2 LAM segmentation + CRF, predicted labels (val)", "crf_post, dense CRF t=10 1/3/67/3/4"))
 
-        def predict(model, item, device):
-            x = resize_square(item["image"][None].to(device), S)
-            y = predicted_image_labels(model, x, S)
-            size = image_size(item)
-            maps = to_label_size(self._maps(model, x, "LAM", scales, (S, S)), size)
-            valid, lab = cam_to_label(maps, y, bkg_thre=bkg)
-            out = {raw.name: lab[0]}
-            if cfg.eval.crf:
-                out[rows[1].name] = cam_crf_labels(item["image_uint8"], valid[0], torch.nonzero(y[0] > 0).flatten(),
-                                                   cfg)
-            return out
+        def predict(model, batch, device):
+            x = square_batch(batch, S, device)
+            ys = predicted_image_labels(model, x, S)
+            maps = self._maps(model, x, "LAM", scales, (S, S))
+            outs = []
+            for i, item in enumerate(batch):
+                valid, lab = cam_to_label(to_label_size(maps[i:i + 1], image_size(item)), ys[i:i + 1], bkg_thre=bkg)
+                out = {raw.name: lab[0]}
+                if cfg.eval.crf:
+                    out[rows[1].name] = cam_crf_labels(item["image_uint8"], valid[0], torch.nonzero(ys[i] > 0).flatten(),
+                                                       cfg)
+                outs.append(out)
+            return outs
 
         return Protocol("E2", "val", rows, predict, "LAM with predicted image labels (infer_lam_test_75)")
 

@@ -107,9 +107,11 @@ class AReAM(nn.Module):
             return ones, ones
         if mode not in ("offline", "online"):
             raise ValueError(f"entropy mode must be offline, online or none, got {mode!r}")
-        if int(self.entropy_updates) == 0:
-            raise RuntimeError(f"entropy mode {mode!r} but the model holds no layer entropies yet "
-                               "(offline: aream.entropy_file; online: estimated from the first affinity step)")
+        if not getattr(self, "_entropy_known", False):  # read the counter once, not every step
+            if int(self.entropy_updates) == 0:
+                raise RuntimeError(f"entropy mode {mode!r} but the model holds no layer entropies yet "
+                                   "(offline: aream.entropy_file; online: estimated from the first affinity step)")
+            self._entropy_known = True
         from wsss.cam import normalize_entropy
 
         e = normalize_entropy(self.layer_entropy)
@@ -122,10 +124,9 @@ class AReAM(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(estimate)
             estimate /= dist.get_world_size()
-        if int(self.entropy_updates) == 0:
-            self.layer_entropy.copy_(estimate)
-        else:
-            self.layer_entropy.mul_(momentum).add_(estimate, alpha=1.0 - momentum)
+        # the first estimate is taken as it is, later ones folded in (decided on the device: no sync)
+        running = self.layer_entropy * momentum + estimate * (1.0 - momentum)
+        self.layer_entropy.copy_(torch.where(self.entropy_updates == 0, estimate, running))
         self.entropy_updates += 1
 
     def load_layer_entropy(self, path) -> None:
@@ -143,6 +144,10 @@ class AReAM(nn.Module):
             raise ValueError(f"{path}: expected {self.depth} finite per-layer entropies, got {values.tolist()}")
         self.layer_entropy.copy_(values)
         self.entropy_updates.fill_(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._entropy_known = False  # a loaded counter may be 0: check it again
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # --- official checkpoint layout (SPEC §5, MCTformer-V2) -------------------------------------
 

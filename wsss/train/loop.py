@@ -15,11 +15,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from wsss.cam import present_class_count
 from wsss.config import Config, config_to_dict, save_config
 from wsss.data import DatasetError, build_datasets
 from wsss.methods import Schedule, get_method
 from wsss.models.checkpoints import ARCH_KEYS
-from wsss.utils.device import autocast, resolve_device, seed_everything
+from wsss.utils.device import autocast, configure_precision, resolve_device, seed_everything
 from wsss.utils.logging import setup_logging
 
 from wsss.utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -74,7 +75,64 @@ def _batches(loader: DataLoader, sampler: ResumableSampler, dataset, start_step:
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch on ``device`` (asynchronous copies from the loader's pinned memory) plus
+    ``max_classes``, the most classes of one image, counted on the host labels before the copy
+    so that the pseudo-labelling never reads it back from the device."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if torch.is_tensor(batch.get("cls_label")):
+        out["max_classes"] = present_class_count(batch["cls_label"])
+    return out
+
+
+class NonFiniteGuard:
+    """The finite-loss check of the training steps without a host read per step.
+
+    Each step folds ``isfinite(total)`` (the minimum over DDP ranks) into a sticky device flag
+    and returns it as the step's ``skip`` (:func:`optimizer_step`): from the first non-finite
+    loss on, no update is applied, so the weights and optimizer state stay those of the last
+    good step. The host reads the flag and the latest losses in one transfer at :meth:`check`
+    (the log interval, and before a checkpoint or a validation), which raises
+    ``FloatingPointError`` naming the first non-finite step and its losses."""
+
+    def __init__(self, device, world: int = 1, note: str = ""):
+        self.ok = torch.ones((), device=device)  # 1 while every loss so far was finite
+        self.world, self.note = world, note
+        self.pending = []  # (step, names, detached losses, finite flag) since the last check
+
+    def update(self, step: int, names, stacked: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(total.detach()).float()
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # all ranks skip together
+        self.ok = self.ok * finite
+        self.pending.append((step, list(names), torch.cat([stacked.detach(), total.detach().view(1)]), finite))
+        return 1.0 - self.ok
+
+    def check(self) -> Optional[dict]:
+        """One host read: raises at the first non-finite step since the last check; else returns
+        the latest step's losses as floats (``total`` included), or None if no step ran since."""
+        if not self.pending:
+            return None
+        _, names, values, _ = self.pending[-1]
+        host = torch.cat([self.ok.view(1), values]).tolist()
+        if host[0] < 1:  # the run is over: reading each step's flag costs nothing any more
+            for step, names, values, finite in self.pending:
+                if float(finite) < 1:
+                    bad = dict(zip(names + ["total"], values.tolist()))
+                    raise FloatingPointError(f"non-finite loss at step {step}: {bad}{self.note}")
+            raise FloatingPointError(f"non-finite loss before step {self.pending[0][0]}{self.note}")
+        self.pending.clear()
+        return dict(zip(names + ["total"], host[1:]))
+
+
+def train_step(loss_fn, train_model, model, batch: dict, step: int, cfg: Config, schedule, amp_ctx, opt, scaler,
+               sched, guard: NonFiniteGuard) -> None:
+    """One iteration: the objective, the device-side finite check and a backward + optimizer step
+    the guard's flag skips on the device. Reads nothing back to the host."""
+    losses = loss_fn(train_model, batch, step, cfg, schedule, amp_ctx)
+    stacked = torch.stack(list(losses.values()))
+    total = stacked.sum()
+    skip = guard.update(step, losses.keys(), stacked, total)
+    optimizer_step(total, model, opt, scaler, sched, cfg.train.grad_clip, skip=skip)
 
 
 class MetricsWriter:
@@ -152,6 +210,7 @@ def train(cfg: Config) -> Path:
         raise_if("training", gpu_count_problem(device.type, local_world))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    configure_precision(device, cfg.tf32)
     run_dir = Path(cfg.run_dir)
     log = setup_logging(run_dir, "train", rank)
 
@@ -224,7 +283,11 @@ def train(cfg: Config) -> Path:
     schedule = Schedule.from_config(cfg)
     loss_rng = getattr(loss_fn, "generator", None)
     if cfg.resume and loss_rng is not None and ckpt.get("loss_rng") is not None:
-        loss_rng.set_state(ckpt["loss_rng"])
+        try:
+            loss_rng.set_state(ckpt["loss_rng"])
+        except RuntimeError:  # a generator of another device type (older wsss sampled UNE on the CPU)
+            log.warning("resume=%s: the checkpoint's loss generator state does not fit the %s generator; the "
+                        "loss sampling restarts from seed %d", cfg.resume, loss_rng.device, cfg.seed)
     amp_ctx = autocast(device, cfg.amp)
     writer = MetricsWriter(run_dir, enabled=rank == 0)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -232,7 +295,10 @@ def train(cfg: Config) -> Path:
              cfg.model.method, device, len(train_ds), num_classes, cfg.train.max_iters, cfg.train.batch_size,
              world, method.describe_schedule(schedule))
 
+    guard = NonFiniteGuard(device, world, f"; training stopped, the last good checkpoint ({ckpt_path}) is kept")
+
     def save(at_step: int, path: Path = ckpt_path) -> None:
+        guard.check()  # never save the weights of a run that hit a non-finite loss
         rngs = [None] * world
         state = rng_state()
         if world > 1:
@@ -255,21 +321,12 @@ def train(cfg: Config) -> Path:
     t0 = time.time()
     while step < cfg.train.max_iters:
         batch = _to_device(next(batches), device)
-        losses = loss_fn(train_model, batch, step, cfg, schedule, amp_ctx)
-        total = sum(losses.values())
-        finite = torch.isfinite(total.detach()).float()
-        if world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            bad = {k: float(v.detach()) for k, v in losses.items()}
-            raise FloatingPointError(f"non-finite loss at step {step}: {bad}; training stopped, the last "
-                                     f"good checkpoint ({ckpt_path}) is kept")
-        optimizer_step(total, model, opt, scaler, sched, cfg.train.grad_clip)
+        train_step(loss_fn, train_model, model, batch, step, cfg, schedule, amp_ctx, opt, scaler, sched, guard)
         step += 1
         bar.update(1)
         if step % cfg.train.log_interval == 0 or step == cfg.train.max_iters:
-            values = {f"loss/{k}": float(v.detach()) for k, v in losses.items()}
-            values["loss/total"] = float(total.detach())
+            # the one host read of the log interval: the finite flag and the latest losses
+            values = {f"loss/{k}": v for k, v in guard.check().items()}
             values["lr"] = opt.param_groups[0]["lr"]
             writer.write(step, values)
             bar.set_postfix(loss=f"{values['loss/total']:.4f}", lr=f"{values['lr']:.2e}")
@@ -278,6 +335,7 @@ def train(cfg: Config) -> Path:
                      (time.time() - t0) / max(1, step))
         if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_iters
                 and step >= round(cfg.train.eval_start * cfg.train.max_iters)):
+            guard.check()
             # every rank validates its shard (no rank waits in a collective meanwhile)
             _periodic_eval(model, val_ds, cfg, device, writer, step, log)
             model.train()

@@ -83,13 +83,21 @@ def scaled_lr(optim_cfg, global_batch: int) -> float:
     return optim_cfg.lr * global_batch / optim_cfg.lr_base_batch
 
 
+def _fusable(model) -> bool:
+    """torch's fused AdamW (one kernel per parameter group; it skips a step on a device flag,
+    see :func:`optimizer_step`) runs on floating-point CUDA and CPU parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+
+
 def _no_decay_adamw(model, optim_cfg, lr: float):
     """timm's AdamW with its two groups: weight decay 0 for biases, 1-D parameters and the names
     of ``model.no_weight_decay()``; ``optim.weight_decay`` for the rest (SPEC §5)."""
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=optim_cfg.weight_decay,
-                               eps=optim_cfg.eps, betas=tuple(optim_cfg.betas), filter_bias_and_bn=True)
+                               eps=optim_cfg.eps, betas=tuple(optim_cfg.betas), filter_bias_and_bn=True,
+                               fused=_fusable(model))
 
 
 def _epoch_cosine(opt, optim_cfg, max_iters: int, iters_per_epoch: int) -> EpochSchedule:
@@ -115,7 +123,7 @@ def _model_groups_adamw(model, optim_cfg, lr: float):
                      "weight_decay": optim_cfg.weight_decay}
                     for g, m in zip(groups, mults) if any(p.requires_grad for p in g)]
     return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay)
+                             weight_decay=optim_cfg.weight_decay, fused=_fusable(model))
 
 
 def build_optimizer(model, optim_cfg, max_iters: int, iters_per_epoch: int = 0, global_batch: int = 0):
@@ -143,13 +151,32 @@ def build_optimizer(model, optim_cfg, max_iters: int, iters_per_epoch: int = 0, 
     return opt, sched
 
 
-def optimizer_step(total, model, opt, scaler, sched, grad_clip: float = 0.0) -> None:
-    """Backward of ``total`` and one AdamW + schedule step (GradScaler-aware, optional clipping)."""
+def optimizer_step(total, model, opt, scaler, sched, grad_clip: float = 0.0, skip=None) -> None:
+    """Backward of ``total`` and one AdamW + schedule step (GradScaler-aware, optional clipping).
+
+    ``skip``: a 0-dim float flag on the device; where it is 1 the step changes no weight and no
+    optimizer state, decided on the device without a host read: the fused AdamW kernel takes it
+    as its ``found_inf`` (moments, weights and step counts stay as they were). Under fp16's
+    GradScaler, which hands the optimizer its own ``found_inf``, the loss is multiplied by NaN
+    instead, so every gradient is non-finite and the scaler skips the step. An optimizer
+    without that interface reads the flag on the host (a sync per step). The schedule always
+    steps (a skipped step ends the run, :class:`wsss.train.loop.NonFiniteGuard`)."""
     opt.zero_grad(set_to_none=True)
+    if skip is not None and scaler.is_enabled():
+        total = total * torch.where(skip > 0, float("nan"), 1.0)
     scaler.scale(total).backward()
     if grad_clip > 0:
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(opt)
+    if skip is None or scaler.is_enabled():
+        scaler.step(opt)
+    elif getattr(opt, "_step_supports_amp_scaling", False):  # fused: the kernel reads the flag
+        opt.found_inf = skip
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    elif not bool(skip):
+        opt.step()
     scaler.update()
     sched.step()

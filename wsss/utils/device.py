@@ -29,6 +29,17 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def configure_precision(device, tf32: bool = True) -> None:
+    """TF32 for the fp32 matmuls and cuDNN convolutions on a CUDA ``device`` (config ``tf32``):
+    tensor-core speed with a 10-bit mantissa; ``tf32=False`` keeps full fp32. Process-wide,
+    set once by the train and eval entry points; nothing changes on other devices. ``amp``
+    (bf16/fp16 autocast) is independent of it, and the losses keep computing in fp32 dtype."""
+    if torch.device(device).type != "cuda":
+        return
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -1,0 +1,139 @@
+"""Images/s of the segmentation protocol (E3, with and without the dense CRF) on the synthetic val
+set: the per-image loop ``wsss.eval`` ran before the streaming engine against the engine, in 1
+and 2 processes, each configuration a fresh ``python -m wsss.eval`` (or ``torchrun``) command,
+the configurations interleaved and repeated in one run (the minimum is kept).
+
+"loop" is the engine run as the old evaluator ran: batches of one image, no loader workers, the
+CRF inline with all threads after each image's forward passes (``eval.batch_size=1
+data.num_workers=0 eval.crf_workers=1``). "engine" is the default: batches of
+``eval.batch_size`` images, loader workers, CRFs on a thread pool beside the next batch.
+
+    make demo   # or any checkpoint trained with configs/demo.yaml
+    python benchmarks/bench_eval.py --ckpt runs/demo/checkpoint.pt --data data/synthetic
+
+Writes ``benchmarks/results/eval-cpu.md`` (machine, command, date, the table). Run it alone on
+the machine: the timings are wall-clock.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOP = ["eval.batch_size=1", "data.num_workers=0", "eval.crf_workers=1"]
+ENGINE: list = []  # the config's defaults
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_once(args, mode: str, crf: bool, procs: int, work: Path) -> dict:
+    out = work / f"{mode}-{'crf' if crf else 'raw'}-{procs}p-{time.time_ns()}"
+    opts = [f"data.root={args.data}", f"run_dir={out}", "eval.protocols=[E3]", f"eval.crf={'true' if crf else 'false'}",
+            "eval.panels=0", f"eval.val_images={args.images}", "device=cpu"] + (LOOP if mode == "loop" else ENGINE)
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={_free_port()}"]
+           if procs > 1 else [sys.executable]) + ["-m", "wsss.eval", "--cfg", args.cfg, "--ckpt", args.ckpt] + opts
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    command_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads((out / "eval" / "results.json").read_text())
+    rows = {r["result"]: r["miou"] for r in result["table"]}
+    n = args.images or sum(1 for _ in open(Path(args.data) / "ImageSets" / "Segmentation" / "val.txt"))
+    wall = result["wall_seconds"]["val"]
+    record = {"mode": mode, "crf": crf, "procs": procs, "images": n, "wall_s": wall, "images_per_s": n / wall,
+              "command_s": command_s, "bytes": _bytes(out / "eval"), "miou": rows}
+    shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", default="configs/demo.yaml")
+    p.add_argument("--ckpt", default="runs/demo/checkpoint.pt")
+    p.add_argument("--data", default="data/synthetic")
+    p.add_argument("--images", type=int, default=0, help="val images (0 = all)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval-cpu.md"))
+    args = p.parse_args(argv)
+    for what, path in (("--ckpt", args.ckpt), ("--data", Path(args.data) / "ImageSets")):
+        if not (ROOT / path).exists() and not Path(path).exists():
+            raise SystemExit(f"{what}: {path} not found (run `make demo` first, or pass --ckpt/--data)")
+    configs = [(m, c, 1) for c in (False, True) for m in ("loop", "engine")] + [("engine", c, 2) for c in (False, True)]
+    best: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
+        for _ in range(args.repeats):
+            for mode, crf, procs in configs:
+                r = run_once(args, mode, crf, procs, Path(tmp))
+                key = (mode, crf, procs)
+                print(f"{mode:6s} crf={crf!s:5s} procs={procs}: {r['images_per_s']:.2f} images/s "
+                      f"({r['wall_s']:.1f} s evaluating, {r['command_s']:.1f} s command)", flush=True)
+                if key not in best or r["wall_s"] < best[key]["wall_s"]:
+                    best[key] = r
+    import torch
+
+    lines = [
+        "# Evaluation throughput on the CPU (`benchmarks/bench_eval.py`)",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads per single process; torchrun gives each of its processes 1)",
+        f"- command: `python benchmarks/bench_eval.py --cfg {args.cfg} --ckpt {args.ckpt} --data {args.data}`"
+        f" ({args.repeats} interleaved repeats, the fastest kept)",
+        f"- protocol: E3 of `{args.cfg}` (square multi-scale + flip, max over scales; + CRF t=10 1/3/67/3/4) on the "
+        f"synthetic val set; 'images/s' counts the evaluation loop (`wall_seconds` of results.json), 'command' "
+        f"the whole `python -m wsss.eval` including start-up",
+        "- loop: `" + " ".join(LOOP) + "` (one image at a time, the CRF inline: the evaluator before the engine); "
+        "engine: the config's defaults (batches of `eval.batch_size`, `data.num_workers` loader workers, CRFs on "
+        "`eval.crf_workers` threads beside the network)",
+        "",
+        "| CRF | mode | processes | images | images/s | × loop | command s | bytes written | E3 mIoU | E3 + CRF mIoU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (mode, crf, procs), r in best.items():
+        base = best[("loop", crf, 1)]["images_per_s"]
+        m = r["miou"]
+        raw = next((v for k, v in m.items() if "CRF" not in k), float("nan"))
+        with_crf = next((v for k, v in m.items() if "CRF" in k), None)
+        lines.append(f"| {'on' if crf else 'off'} | {mode} | {procs} | {r['images']} | {r['images_per_s']:.2f} | "
+                     f"{r['images_per_s'] / base:.2f} | {r['command_s']:.1f} | {r['bytes']} | {100 * raw:.2f} | "
+                     f"{'' if with_crf is None else f'{100 * with_crf:.2f}'} |")
+    same = {k[1]: {json.dumps(r["miou"], sort_keys=True) for kk, r in best.items() if kk[1] == k[1]} for k in best}
+    lines += ["", "Same mIoU in every mode: " + ", ".join(
+        f"CRF {'on' if crf else 'off'}: {'yes' if len(v) == 1 else 'NO'}" for crf, v in same.items()), ""]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
