@@ -7,7 +7,7 @@ EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/
 DEMO_DATA ?= data/synthetic
 DEMO_RUN ?= runs/demo
 
-.PHONY: install demo demo-aream test bench clean
+.PHONY: install demo demo-aream test bench clean gpu-check
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ demo-aream: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The prepared check for a lent GPU (README "GPU check"): at most 8 minutes, results in
+# benchmarks/results/gpu-check.md; it builds wsss._C in place when it is missing. The GPU image has
+# torch but no venv, so without .venv it runs under $(PYTHON). GPU_CHECK_ARGS="--out FILE", "--dry-run", ...
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build wsss/_C*.so $(VENV)/.ext

@@ -11,6 +11,7 @@ from wsss.data.synthetic import make_synthetic_dataset
 from wsss.kernels import masked_cosine_affinity_loss
 from wsss.losses import classification_loss, cle_loss, seg_loss, token_regularization_loss, une_loss
 
+from conftest import DEVICE
 from test_train import TINY
 
 
@@ -58,17 +59,17 @@ def test_bf16_more_training_with_all_losses(data_root, tmp_path, monkeypatch):
     assert any(k.startswith("backbone.") for k in changed) and any(k.startswith("decoder") for k in changed)
 
 
-def _inputs(B=2, C=3, D=16, h=8, w=8):
+def _inputs(B=2, C=3, D=16, h=8, w=8, device="cpu"):
     g = torch.Generator().manual_seed(0)
     label = torch.randint(0, C + 1, (B, h, w), generator=g)
     label[:, :2] = 255  # ignored rows, as the token labels have
     label[:, 2:5, 2:5] = 255  # an uncertain blob inside the UNE region
-    bf16 = dict(dtype=torch.bfloat16)
+    bf16 = dict(dtype=torch.bfloat16, device=device)
     return dict(tokens=torch.randn(B, C, D, generator=g).to(**bf16).requires_grad_(),
                 feats=torch.randn(B, D, h, w, generator=g).to(**bf16).requires_grad_(),
                 logits=torch.randn(B, C + 1, h, w, generator=g).to(**bf16).requires_grad_(),
-                label=label, seg_label=label.where(label != 255, 0).clamp(max=C),
-                y=torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
+                label=label.to(device), seg_label=label.where(label != 255, 0).clamp(max=C).to(device),
+                y=torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], device=device))
 
 
 LOSSES = {
@@ -90,8 +91,10 @@ def test_losses_compute_in_fp32_under_autocast(name):
 
         if not (HAS_TRITON and interpreting()):
             pytest.fail("the Triton ptc loss needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it) and triton")
-    x = _inputs()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # the Triton kernel runs on CUDA tensors, or on CPU tensors under the interpreter
+    device = DEVICE if name == "ptc_triton" else "cpu"
+    x = _inputs(device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = LOSSES[name](x)
     assert loss.dtype == torch.float32
     # The same bf16 inputs without autocast: equal up to fp32 summation order, so every matmul

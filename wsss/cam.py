@@ -158,7 +158,7 @@ def _layer_weights_tensor(weights, L: int, device) -> torch.Tensor:
         return torch.ones(L, device=device)
     w = torch.as_tensor(weights, dtype=torch.float32, device=device).flatten()
     if w.numel() != L:
-        raise ValueError(f"layer weights must hold {L} values, got {w.numel()}")
+        raise ValueError(f"refine_weights (layer weights) must hold {L} values, got {w.numel()}")
     return w
 
 

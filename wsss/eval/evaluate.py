@@ -86,7 +86,8 @@ def evaluate(cfg: Config, ckpt_path, out_dir=None) -> Dict:
     model, C = load_model(cfg, ckpt_path, device)
     for split, ds in splits.items():
         if ds.num_classes != C:
-            raise ValueError(f"checkpoint has {C} classes but the data set at {cfg.data.root} has {ds.num_classes}")
+            raise ValueError(f"--ckpt={ckpt_path} has {C} classes but data.root={cfg.data.root} ({split} split) "
+                             f"has {ds.num_classes}")
     K = C + 1
     limits = {"train": cfg.eval.train_images, "val": cfg.eval.val_images}
 

@@ -22,7 +22,7 @@ def average_precision(y_true, scores) -> float:
     if y.shape != s.shape:
         raise ValueError(f"y_true and scores differ in length: {y.size} vs {s.size}")
     if not y.any():
-        raise ValueError("average precision is undefined without a positive label")
+        raise ValueError("y_true has no positive label: average precision is undefined")
     order = np.argsort(-s, kind="mergesort")
     s, y = s[order], y[order]
     ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each run of tied scores

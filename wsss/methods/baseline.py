@@ -154,7 +154,7 @@ class BaselineMethod(Method):
     def _maps(self, model, x, kind: str, scales, size):
         if kind == "CAM":
             return multi_scale_cam(model, x, scales, out_size=size)[0]
-        raise ValueError(kind)
+        raise ValueError(f"model.method={self.name} has no {kind!r} maps; known: CAM")
 
     def _batch_maps(self, model, batch, device, kind: str, cfg):
         """E1's CAM/LAM of a batch: one (1,C,H,W) map per item at its image size, and the image

@@ -158,8 +158,16 @@ class MoReMethod(BaselineMethod):
 
     def protocol_table(self, cfg) -> Dict:
         table = super().protocol_table(cfg)
-        table.update({"E1-LAM": lambda: self._e1(cfg, "LAM"), "E2": lambda: self._e2(cfg),
-                      "extra-LAM": lambda: self._extra(cfg, "LAM")})
+        lam = {"E1-LAM": lambda: self._e1(cfg, "LAM"), "E2": lambda: self._e2(cfg),
+               "extra-LAM": lambda: self._extra(cfg, "LAM")}
+        if not cfg.model.gcr:  # refused when the protocols are chosen, before the model is loaded
+
+            def no_lam(name):
+                raise ValueError(f"eval.protocols: {name} reads the LAM, which needs a MoRe model with GCR "
+                                 f"(model.gcr=true); without it: {', '.join(table)}")
+
+            lam = {name: (lambda name=name: no_lam(name)) for name in lam}
+        table.update(lam)
         return table
 
     def _maps(self, model, x, kind: str, scales, size):

@@ -106,7 +106,7 @@ class AReAM(nn.Module):
             ones = torch.ones(self.depth, device=self.layer_entropy.device)
             return ones, ones
         if mode not in ("offline", "online"):
-            raise ValueError(f"entropy mode must be offline, online or none, got {mode!r}")
+            raise ValueError(f"entropy mode (aream.entropy) must be offline, online or none, got {mode!r}")
         if not getattr(self, "_entropy_known", False):  # read the counter once, not every step
             if int(self.entropy_updates) == 0:
                 raise RuntimeError(f"entropy mode {mode!r} but the model holds no layer entropies yet "

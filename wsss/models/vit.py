@@ -234,7 +234,10 @@ def load_pretrained_vit(model, path, init_reg_pos: bool = True) -> None:
     n_prefix = sd["cls_token"].shape[1] + (sd["dist_token"].shape[1] if "dist_token" in sd else 0)
     pos = sd["pos_embed"]
     cls_pos, patch_pos = pos[:, :1], pos[:, n_prefix:]
-    g_ckpt = int(math.isqrt(patch_pos.shape[1]))
+    try:
+        g_ckpt = pretrain_grid_from_pos_embed(pos, n_prefix)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     g = vit.pretrain_grid
     if g_ckpt != g:
         grid = patch_pos.reshape(1, g_ckpt, g_ckpt, D).permute(0, 3, 1, 2).float()

@@ -92,6 +92,8 @@ def main(argv=None) -> int:
 
     log = setup_logging(None, "layer_entropy")
     device = resolve_device(cfg.device)
+    if args.size < 0:
+        parser.error(f"--size must be >= 0 (0 = data.crop_size), got {args.size}")
     size = args.size or cfg.data.crop_size
     try:
         cls_ds = DATASETS[cfg.data.dataset][0](cfg.data.root, cfg.data.train_split, crop_size=size,
