@@ -230,6 +230,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--peak-gbs", type=float, default=None, help="device peak bandwidth, overrides the table")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--matmul-precision", default="high", choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision for both paths (default high: TF32, as wsss's tf32 "
+                        "config sets for training; the Triton kernels follow it for fp32 products)")
     p.add_argument("--impls", default=None, help="comma list, default reference,triton (CUDA) / reference (CPU)")
     p.add_argument("--par-batch", type=int, default=4)
     p.add_argument("--par-classes", type=int, default=21)
@@ -250,6 +253,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
@@ -291,7 +295,7 @@ def main(argv=None):
 
     notes = provenance(device) + [
         f"- dtype of logits / q / k / features: {args.dtype}; PAR on fp32 images; {warmup} warm-up and "
-        f"{reps} timed runs per row, median reported",
+        f"{reps} timed runs per row, median reported; fp32 matmul precision {args.matmul_precision}",
         f"- peak bandwidth: {f'{peak:.0f} GB/s (data sheet)' if peak else 'n/a'}; measured copy bandwidth "
         f"{copy_gbs:.1f} GB/s (256 MB fp32 tensor copy)",
         "- GB/s = minimum bytes the op moves (inputs once, outputs once; PAR: κ and masks once per "

@@ -45,7 +45,8 @@ import torch.nn.functional as F  # noqa: E402
 from bench_kernels import PeakMemory, _rss_kb, _sync, provenance, write_results  # noqa: E402
 from wsss.config import load_config  # noqa: E402
 from wsss.models import build_model  # noqa: E402
-from wsss.train.optim import build_optimizer, optimizer_step  # noqa: E402
+from wsss.train.loop import NonFiniteGuard, _to_device, train_step  # noqa: E402
+from wsss.train.optim import build_optimizer  # noqa: E402
 from wsss.methods import Schedule, get_method  # noqa: E402
 from wsss.utils.device import autocast, seed_everything  # noqa: E402
 
@@ -123,15 +124,20 @@ def build_step(args, method: str, impl: str, device):
     if hasattr(loss_fn, "prepare"):
         loss_fn.prepare(model, cfg)
     amp_ctx = autocast(device, cfg.amp)
-    batch = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, VOC_CLASSES, device, cfg.seed)
+    batch = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, VOC_CLASSES, "cpu", cfg.seed)
+    batch = _to_device(batch, device)  # as the loop moves a loader batch (with its host class count)
     # first iteration with every loss on: MoRe's seg/energy losses, AReAM's affinity loss
     step_index = max(schedule.all_losses_from, schedule.aff_start)
     names = []
+    guard = NonFiniteGuard(device)
 
     def step():
-        losses = loss_fn(model, batch, step_index, cfg, schedule, amp_ctx)
-        names[:] = sorted(losses)
-        optimizer_step(sum(losses.values()), model, opt, scaler, sched, cfg.train.grad_clip)
+        # the loop's own step: objective, device-side finite flag, backward + optimizer step; the
+        # flag is read once per log interval, as the loop does
+        train_step(loss_fn, model, model, batch, step_index, cfg, schedule, amp_ctx, opt, scaler, sched, guard)
+        names[:] = sorted(guard.pending[-1][1])
+        if len(guard.pending) >= cfg.train.log_interval:
+            guard.check()
 
     return step, cfg, names
 

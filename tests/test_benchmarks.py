@@ -44,3 +44,19 @@ def test_bench_eval_command(demo_checkpoint, tmp_path):
     # the engine and the loop (and 2 processes) score the same
     assert "CRF off: yes, CRF on: yes" in text
     assert "images/s" in proc.stdout
+
+
+def test_bench_train_command(tmp_path):
+    out = tmp_path / "train-cpu.md"
+    _run(["benchmarks/bench_train.py", "--device", "cpu", "--size", "64", "--batch", "2", "--iters", "1", "--warmup",
+          "1", "--threads", "1", "--out", str(out), "model.depth=4", "aream.layer_index=3"])
+    text = out.read_text()
+    for row in ("| more step (", "| aream step ("):
+        assert text.count(row) == 2, text  # auto and reference rows of each method
+    assert "skipped" not in text
+
+
+def test_bench_kernels_command(tmp_path):
+    out = tmp_path / "kernels-cpu.md"
+    _run(["benchmarks/bench_kernels.py", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    assert "| " in out.read_text()

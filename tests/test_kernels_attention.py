@@ -15,6 +15,16 @@ IMPLS = ["reference", pytest.param("triton", marks=needs_triton)]
 FP32_TOL = dict(rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(autouse=True)
+def ieee_fp32_dots():
+    """fp32 products in IEEE fp32 on CUDA too (the kernels follow torch's matmul precision), so
+    FP32_TOL holds there whatever an earlier test set; TF32 is tested on its own."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 def _aggregate_loops(x, weights):
     L, B, Hd, T, _ = x.shape
     out = torch.zeros(B, T, T, dtype=torch.double)
@@ -115,6 +125,37 @@ def test_propagate_triton_matches_reference(L, B, Hd, cc, C, h, w):
     out_qk = propagate_cam_qk(cam, q, k, cc, weights, impl="triton")
     torch.testing.assert_close(out_qk, propagate_cam(cam, attention_logits_from_qk(q, k), cc, weights,
                                                      impl="reference"), **FP32_TOL)
+
+
+@needs_triton
+def test_propagate_head_splits_add_up(monkeypatch):
+    # on CUDA small grids split the (layer, head) pairs over programs; force 3 splits of 2 here
+    config = attention_module._propagate_config
+    monkeypatch.setattr(attention_module, "_propagate_config",
+                        lambda *a, **k: dict(config(*a, **k), heads_per_program=2))
+    torch.manual_seed(0)
+    x = 3 * torch.randn(2, 2, 3, 13, 13, device=DEVICE)
+    cam = torch.rand(2, 5, 3, 3, device=DEVICE)
+    weights = [0.5, 2.0]
+    torch.testing.assert_close(propagate_cam(cam, x, 4, weights, impl="triton"),
+                               propagate_cam_reference(cam, x, 4, weights), **FP32_TOL)
+    q, k = torch.randn(2, 2, 3, 13, 8, device=DEVICE), torch.randn(2, 2, 3, 13, 8, device=DEVICE)
+    torch.testing.assert_close(propagate_cam_qk(cam, q, k, 4, weights, impl="triton"),
+                               propagate_cam_qk_reference(cam, q, k, 4, weights), **FP32_TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 tensor-core dots need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_core_dots_on_cuda(dtype):
+    # the default CUDA path: TF32 for fp32 logits (10-bit mantissa) and half q·k with fp32
+    # accumulation; the propagated CAM is a weighted mean, so its relative error stays ~1e-3
+    torch.set_float32_matmul_precision("high")  # as wsss's tf32 config; the fixture restores it
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 2, 6, 220, 64, device=DEVICE).to(dtype) for _ in range(2))
+    cam = torch.rand(2, 20, 10, 20, device=DEVICE)
+    out = propagate_cam_qk(cam, q, k, 20, impl="triton")
+    ref = propagate_cam_qk_reference(cam, q, k, 20)
+    torch.testing.assert_close(out, ref, rtol=5e-3, atol=5e-3 * ref.abs().max().item())
 
 
 @needs_triton

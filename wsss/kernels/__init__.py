@@ -4,6 +4,12 @@ Each op has a PyTorch ``*_reference`` (the specification in code) and takes
 ``impl="auto"|"reference"|"triton"``: ``auto`` runs the Triton kernels on CUDA tensors and the
 reference elsewhere; ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``. Importing this
 package does not need triton.
+
+Every kernel is launched through ``_common.launch`` (under its tensors' device) with a
+configuration that is a pure function of (shape, dtype, device type); ``wsss.kernels.aot``
+compiles those configurations for sm_80/sm_90 without a GPU and ``wsss.kernels.costs`` counts
+the work of both paths (benchmarks/triton_report.py writes both to
+benchmarks/results/triton-kernels.md).
 """
 from ._common import HAS_TRITON
 from .affinity import (affinity_labels, head_mean_logits, masked_cosine_affinity_loss,

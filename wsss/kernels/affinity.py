@@ -14,9 +14,18 @@ finite), so degenerate batches give a finite loss with zero, finite gradients.
 
 Triton path: a tile kernel builds the pair classes from the (B,N) label map and either loads
 the score tile (materialised logits) or computes it as a dot product over the feature dim
-(cosine features, or q·kᵀ for ``masked_sigmoid_affinity_loss_qk``) — no N×N label, score or
-gradient matrix is ever stored beyond the logits the caller already holds. Backward recomputes
-the score tiles (flash-attention style) and accumulates ``g @ y`` per row block.
+(cosine features, or q·kᵀ for ``masked_sigmoid_affinity_loss_qk``), writing per-tile partial
+sums — no N×N label, similarity or mask matrix is built. When a gradient is needed the forward
+keeps the (B,N,N) fp32 scores, and the backward reads them tile by tile and accumulates
+``dL/ds @ y`` per (row block, feature block): the scores are multiplied once, not once per
+feature block. Half inputs multiply as half (fp32 accumulation), fp32 as TF32 on CUDA when
+torch's fp32 matmul precision allows it, as wsss's ``tf32`` config sets (``_common.dot_config``).
+
+Work per call at the shapes of SPEC §3/§5 (benchmarks/results/triton-kernels.md, counted by
+``wsss.kernels.costs``): the ptc loss fwd+bwd (B=4, D=768, N=784) multiplies 7.6 GFLOP against the
+reference's 11.3 (the cosine backward needs dx only: s is symmetric) and moves half its bytes;
+the q·k loss (AReAM, B=64, N=196, D=6·64) multiplies as much as the reference (5.7 GFLOP) and
+moves a third of its bytes (a sixth for bf16), since it never forms the per-head logits.
 """
 import math
 from typing import Optional, Tuple
@@ -24,7 +33,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._common import check_labels, check_same_device, check_tensor, compute_dtype, resolve_impl, tl, triton
+from ._common import (acc_type, check_labels, check_same_device, check_tensor, compute_dtype, dot_config, launch,
+                      launch_device_type, resolve_impl, tl, triton)
 
 COS_EPS = 1e-8  # SPEC §3.2: L2 normalisation ε
 MODE_COSINE = 0  # sim = |s|, positive term Σ sim enters with a minus sign
@@ -107,15 +117,15 @@ def _pair_classes(lab_b, rows, cols, N, ignore_index, IGNORE_DIAG: tl.constexpr)
 
 
 @triton.jit
-def _dot_tile(x_b, y_b, rows, cols, N, D, ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+def _dot_tile(x_b, y_b, rows, cols, N, D, ACC: tl.constexpr, DOT_TY: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """s[i,j] = Σ_d x[i,d]·y[j,d] for a row block and a column block of (N,D) row-major x, y."""
     s = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         a = tl.load(x_b + rows[:, None] * D + dd[None, :], mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
         bt = tl.load(y_b + cols[None, :] * D + dd[:, None], mask=(cols[None, :] < N) & (dd[:, None] < D), other=0.0)
-        s += tl.dot(a.to(ACC), bt.to(ACC), input_precision="ieee")
+        s = tl.dot(a.to(DOT_TY), bt.to(DOT_TY), s, input_precision=DOT_PREC, out_dtype=ACC)
     return s
 
 
@@ -177,53 +187,101 @@ def _logits_loss_bwd_kernel(logit_ptr, lab_ptr, coef_ptr, grad_ptr, N, s_b, s_i,
     tl.store(out, g.to(grad_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit
-def _dot_loss_fwd_kernel(x_ptr, y_ptr, lab_ptr, part_ptr, N, D, ignore_index, MODE: tl.constexpr,
-                         ACC: tl.constexpr, IGNORE_DIAG: tl.constexpr, BLOCK_I: tl.constexpr,
+@triton.jit(do_not_specialize=["N"])  # one compiled kernel for every token count
+def _dot_loss_fwd_kernel(x_ptr, y_ptr, lab_ptr, part_ptr, s_ptr, N, D, scale, ignore_index, MODE: tl.constexpr,
+                         ACC: tl.constexpr, DOT_TY: tl.constexpr, DOT_PREC: tl.constexpr,
+                         IGNORE_DIAG: tl.constexpr, STORE_S: tl.constexpr, BLOCK_I: tl.constexpr,
                          BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partials of the loss on s = scale·x yᵀ; with STORE_S the s tile is kept for the backward."""
     b = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     cols = tl.program_id(2) * BLOCK_J + tl.arange(0, BLOCK_J)
     off = b.to(tl.int64) * N * D
-    s = _dot_tile(x_ptr + off, y_ptr + off, rows, cols, N, D, ACC, BLOCK_I, BLOCK_J, BLOCK_D)
+    s = _dot_tile(x_ptr + off, y_ptr + off, rows, cols, N, D, ACC, DOT_TY, DOT_PREC, BLOCK_I, BLOCK_J,
+                  BLOCK_D) * scale
+    if STORE_S:
+        tl.store(s_ptr + b.to(tl.int64) * N * N + rows[:, None] * N + cols[None, :], s,
+                 mask=(rows[:, None] < N) & (cols[None, :] < N))
     pos, neg = _pair_classes(lab_ptr + b * N, rows, cols, N, ignore_index, IGNORE_DIAG)
     tile = (b * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
     _tile_partials(s, pos, neg, part_ptr + tile * 4, MODE)
 
 
-@triton.jit
-def _dot_loss_bwd_kernel(x_ptr, y_ptr, lab_ptr, coef_ptr, dx_ptr, N, D, ignore_index, MODE: tl.constexpr,
-                         ACC: tl.constexpr, IGNORE_DIAG: tl.constexpr, BLOCK_I: tl.constexpr,
-                         BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """dx[i, d-block] = Σ_j dL/ds_ij · y[j, d-block], recomputing s tile by tile.
+@triton.jit(do_not_specialize=["N"])  # one compiled kernel for every token count
+def _dot_loss_bwd_kernel(s_ptr, y_ptr, lab_ptr, coef_ptr, dx_ptr, N, D, s_i, s_j, scale, ignore_index,
+                         MODE: tl.constexpr, ACC: tl.constexpr, DOT_TY: tl.constexpr, DOT_PREC: tl.constexpr,
+                         IGNORE_DIAG: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+                         BLOCK_DO: tl.constexpr):
+    """dx[i, d-block] = scale · Σ_j dL/ds_ij · y[j, d-block] from the scores the forward stored.
 
-    The pair classes are symmetric, so dy is this kernel with x and y swapped."""
+    The pair classes are symmetric, so dy is this kernel with x for y and s read transposed
+    (strides s_i, s_j swapped)."""
     b = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     dout = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     off = b.to(tl.int64) * N * D
+    s_b = s_ptr + b.to(tl.int64) * N * N
     c_pos = tl.load(coef_ptr).to(ACC)
     c_neg = tl.load(coef_ptr + 1).to(ACC)
     acc = tl.zeros([BLOCK_I, BLOCK_DO], dtype=ACC)
     for j0 in range(0, N, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
-        s = _dot_tile(x_ptr + off, y_ptr + off, rows, cols, N, D, ACC, BLOCK_I, BLOCK_J, BLOCK_D)
+        s = tl.load(s_b + rows[:, None] * s_i + cols[None, :] * s_j, mask=(rows[:, None] < N) & (cols[None, :] < N),
+                    other=0.0).to(ACC)
         pos, neg = _pair_classes(lab_ptr + b * N, rows, cols, N, ignore_index, IGNORE_DIAG)
         g = _tile_grad(s, pos, neg, c_pos, c_neg, MODE)
         yj = tl.load(y_ptr + off + cols[:, None] * D + dout[None, :],
-                     mask=(cols[:, None] < N) & (dout[None, :] < D), other=0.0).to(ACC)
-        acc += tl.dot(g, yj, input_precision="ieee")
-    tl.store(dx_ptr + off + rows[:, None] * D + dout[None, :], acc,
+                     mask=(cols[:, None] < N) & (dout[None, :] < D), other=0.0)
+        acc = tl.dot(g.to(DOT_TY), yj.to(DOT_TY), acc, input_precision=DOT_PREC, out_dtype=ACC)
+    tl.store(dx_ptr + off + rows[:, None] * D + dout[None, :], acc * scale,
              mask=(rows[:, None] < N) & (dout[None, :] < D))
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configurations: pure functions of (shape, dtype, device type), also read by
+# wsss.kernels.aot, which compiles them for sm_80/sm_90 in the tests
+# ----------------------------------------------------------------------------------------------
+def _logit_config(N: int, dtype: torch.dtype, device_type: str) -> dict:
+    """One BLOCK×BLOCK tile of logits per program; elementwise work, 64×64 over 8 warps (16
+    elements a thread; 4 warps need ~170 registers in the forward's reductions)."""
+    if device_type == "cuda":
+        return dict(BLOCK=64, num_warps=8)
+    return dict(BLOCK=128)  # the interpreter: fewer, larger numpy blocks
+
+
+def _dot_fwd_config(N: int, D: int, dtype: torch.dtype, device_type: str) -> dict:
+    """64×64 score tiles over 8 warps (16 accumulators a thread), the feature dim streamed in
+    64-wide chunks through a software pipeline of 3 stages for half operands (48 KB of shared
+    memory), 2 for fp32 (64 KB) — 4 warps or a third fp32 stage cap the occupancy at 1/8."""
+    dot = dot_config(dtype, device_type)
+    if device_type == "cuda":
+        bi = max(16, min(64, triton.next_power_of_2(N)))
+        bd = max(16, min(64, triton.next_power_of_2(D)))
+        stages = 2 if dot["DOT_TY"] in (tl.float32, tl.float64) else 3
+        return dict(BLOCK_I=bi, BLOCK_J=bi, BLOCK_D=bd, num_warps=8, num_stages=stages, **dot)
+    bi = max(16, min(64 if N > 32 else 32, triton.next_power_of_2(N)))
+    return dict(BLOCK_I=bi, BLOCK_J=bi, BLOCK_D=max(16, min(128, triton.next_power_of_2(D))), **dot)
+
+
+def _dot_bwd_config(N: int, D: int, dtype: torch.dtype, device_type: str) -> dict:
+    """Per program 64 rows × 64 feature columns of dx over 8 warps, streaming 32-column steps of
+    the stored scores (64-column steps or 4 warps leave 1/8 occupancy).
+
+    The operand of the dot is dL/ds ≈ 0.5/(n+1) (n: pairs in the batch, ~10⁶): below fp16's
+    normal range, so fp16 inputs multiply in fp32 (TF32 as ``dot_config``); bf16 has fp32's
+    exponent range."""
+    dot = dot_config(torch.float32 if dtype == torch.float16 else dtype, device_type)
+    if device_type == "cuda":
+        bi = max(16, min(64, triton.next_power_of_2(N)))
+        return dict(BLOCK_I=bi, BLOCK_J=max(16, min(32, triton.next_power_of_2(N))),
+                    BLOCK_DO=max(16, min(64, triton.next_power_of_2(D))), num_warps=8, num_stages=3, **dot)
+    bi = max(16, min(64 if N > 32 else 32, triton.next_power_of_2(N)))
+    return dict(BLOCK_I=bi, BLOCK_J=bi, BLOCK_DO=max(16, min(256, triton.next_power_of_2(D))), **dot)
 
 
 # ----------------------------------------------------------------------------------------------
 # launchers and custom ops (autograd, torch.compile: opaque ops with fake impls)
 # ----------------------------------------------------------------------------------------------
-def _acc(x: torch.Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
 def _finish(parts: torch.Tensor, mode: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """Loss from the per-tile partials (summed in float64) and the pair counts (int64)."""
     tot = parts.double().sum(dim=0)
@@ -242,28 +300,33 @@ def _flat_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.reshape(labels.shape[0], -1).long().contiguous()
 
 
-def _logit_block(device: torch.device) -> int:
-    return 64 if device.type == "cuda" else 128
+def _sigmoid_loss_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                          ignore_diagonal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, N, _ = logits.shape
+    cfg = _logit_config(N, logits.dtype, launch_device_type(logits))
+    grid = (B, triton.cdiv(N, cfg["BLOCK"]), triton.cdiv(N, cfg["BLOCK"]))
+    ct = compute_dtype(logits)
+    parts = torch.empty(grid[0] * grid[1] * grid[2], 4, dtype=ct, device=logits.device)
+    launch(_logits_loss_fwd_kernel, grid, logits, _flat_labels(labels), parts, N, *logits.stride(), ignore_index,
+           ACC=acc_type(logits.dtype), IGNORE_DIAG=ignore_diagonal, **cfg)
+    return _finish(parts, MODE_SIGMOID, ct)
 
 
-def _dot_blocks(N: int, D: int, device: torch.device) -> dict:
-    bi = 64 if (device.type == "cuda" or N > 32) else 32
-    bi = max(16, min(bi, triton.next_power_of_2(N)))
-    bd = max(16, min(64 if device.type == "cuda" else 128, triton.next_power_of_2(D)))
-    return dict(BLOCK_I=bi, BLOCK_J=bi, BLOCK_D=bd)
+def _sigmoid_loss_backward(grad: torch.Tensor, counts: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                           ignore_index: int, ignore_diagonal: bool) -> torch.Tensor:
+    B, N, _ = logits.shape
+    cfg = _logit_config(N, logits.dtype, launch_device_type(logits))
+    grad_logits = torch.empty(B, N, N, dtype=logits.dtype, device=logits.device)
+    launch(_logits_loss_bwd_kernel, (B, triton.cdiv(N, cfg["BLOCK"]), triton.cdiv(N, cfg["BLOCK"])),
+           logits, _flat_labels(labels), _coefficients(grad, counts, compute_dtype(logits)), grad_logits, N,
+           *logits.stride(), ignore_index, ACC=acc_type(logits.dtype), IGNORE_DIAG=ignore_diagonal, **cfg)
+    return grad_logits
 
 
 @torch.library.custom_op("wsss_kernels::sigmoid_affinity_loss", mutates_args=())
 def _sigmoid_loss_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
                      ignore_diagonal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    B, N, _ = logits.shape
-    blk = _logit_block(logits.device)
-    grid = (B, triton.cdiv(N, blk), triton.cdiv(N, blk))
-    ct = compute_dtype(logits)
-    parts = torch.empty(grid[0] * grid[1] * grid[2], 4, dtype=ct, device=logits.device)
-    _logits_loss_fwd_kernel[grid](logits, _flat_labels(labels), parts, N, *logits.stride(), ignore_index,
-                                  ACC=_acc(logits), IGNORE_DIAG=ignore_diagonal, BLOCK=blk)
-    return _finish(parts, MODE_SIGMOID, ct)
+    return _sigmoid_loss_forward(logits, labels, ignore_index, ignore_diagonal)
 
 
 @_sigmoid_loss_op.register_fake
@@ -274,13 +337,7 @@ def _(logits, labels, ignore_index, ignore_diagonal):
 @torch.library.custom_op("wsss_kernels::sigmoid_affinity_loss_backward", mutates_args=())
 def _sigmoid_loss_bwd_op(grad: torch.Tensor, counts: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                          ignore_index: int, ignore_diagonal: bool) -> torch.Tensor:
-    B, N, _ = logits.shape
-    blk = _logit_block(logits.device)
-    grad_logits = torch.empty(B, N, N, dtype=logits.dtype, device=logits.device)
-    _logits_loss_bwd_kernel[(B, triton.cdiv(N, blk), triton.cdiv(N, blk))](
-        logits, _flat_labels(labels), _coefficients(grad, counts, compute_dtype(logits)), grad_logits, N,
-        *logits.stride(), ignore_index, ACC=_acc(logits), IGNORE_DIAG=ignore_diagonal, BLOCK=blk)
-    return grad_logits
+    return _sigmoid_loss_backward(grad, counts, logits, labels, ignore_index, ignore_diagonal)
 
 
 @_sigmoid_loss_bwd_op.register_fake
@@ -302,60 +359,97 @@ def _sigmoid_backward(ctx, grad_loss, _grad_counts):
 _sigmoid_loss_op.register_autograd(_sigmoid_backward, setup_context=_sigmoid_setup)
 
 
-@torch.library.custom_op("wsss_kernels::dot_affinity_loss", mutates_args=())
-def _dot_loss_op(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, mode: int, ignore_index: int,
-                 ignore_diagonal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Loss on s = x·yᵀ per image; x, y (B,N,D) contiguous. Cosine mode passes y = x."""
+def _dot_loss_forward(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, mode: int, ignore_index: int,
+                      ignore_diagonal: bool, scale: float, save_scores: bool,
+                      operand_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, pair counts, scores): the loss on s = scale·x yᵀ per image, x, y (B,N,D) contiguous
+    (cosine mode passes y = x), multiplied as ``operand_dtype``; the (B,N,N) scores when
+    ``save_scores`` (what the backward reads), else an empty tensor."""
     B, N, D = x.shape
-    blocks = _dot_blocks(N, D, x.device)
-    grid = (B, triton.cdiv(N, blocks["BLOCK_I"]), triton.cdiv(N, blocks["BLOCK_J"]))
+    cfg = _dot_fwd_config(N, D, operand_dtype, launch_device_type(x))
+    x, y = _operands(x, y, mode, operand_dtype)
+    grid = (B, triton.cdiv(N, cfg["BLOCK_I"]), triton.cdiv(N, cfg["BLOCK_J"]))
     ct = compute_dtype(x)
     parts = torch.empty(grid[0] * grid[1] * grid[2], 4, dtype=ct, device=x.device)
-    _dot_loss_fwd_kernel[grid](x, y, _flat_labels(labels), parts, N, D, ignore_index, MODE=mode, ACC=_acc(x),
-                               IGNORE_DIAG=ignore_diagonal, **blocks)
-    return _finish(parts, mode, ct)
+    scores = torch.empty((B, N, N) if save_scores else (0,), dtype=ct, device=x.device)
+    launch(_dot_loss_fwd_kernel, grid, x, y, _flat_labels(labels), parts, scores if save_scores else parts, N, D,
+           float(scale), ignore_index, MODE=mode, ACC=acc_type(x.dtype), IGNORE_DIAG=ignore_diagonal,
+           STORE_S=save_scores, **cfg)
+    return (*_finish(parts, mode, ct), scores)
+
+
+def _operands(x: torch.Tensor, y: torch.Tensor, mode: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    xo = x.to(dtype)
+    return xo, (xo if mode == MODE_COSINE else y.to(dtype))
+
+
+def _dot_loss_backward(grad: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, x: torch.Tensor,
+                       y: torch.Tensor, labels: torch.Tensor, mode: int, ignore_index: int, ignore_diagonal: bool,
+                       scale: float, operand_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dy) in the dtypes of x, y; the dot runs on ``operand_dtype`` operands (fp32 for fp16).
+    Cosine mode (y is x): dL/dx = dx + dy = 2·dx since s is symmetric; dy is then empty."""
+    B, N, D = x.shape
+    cfg = _dot_bwd_config(N, D, operand_dtype, launch_device_type(x))
+    out_dtypes = (x.dtype, y.dtype)
+    x, y = _operands(x, y, mode, torch.float32 if operand_dtype == torch.float16 else operand_dtype)
+    coef = _coefficients(grad, counts, compute_dtype(x))
+    lab = _flat_labels(labels)
+    grid = (B, triton.cdiv(N, cfg["BLOCK_I"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+    meta = dict(MODE=mode, ACC=acc_type(x.dtype), IGNORE_DIAG=ignore_diagonal, **cfg)
+    cosine = mode == MODE_COSINE
+    dx = torch.empty(B, N, D, dtype=compute_dtype(x), device=x.device)
+    launch(_dot_loss_bwd_kernel, grid, scores, y, lab, coef, dx, N, D, N, 1, float(scale) * (2 if cosine else 1),
+           ignore_index, **meta)
+    if cosine:
+        return dx.to(out_dtypes[0]), y.new_empty(0, dtype=out_dtypes[1])
+    dy = torch.empty_like(dx)
+    launch(_dot_loss_bwd_kernel, grid, scores, x, lab, coef, dy, N, D, 1, N, float(scale), ignore_index, **meta)
+    return dx.to(out_dtypes[0]), dy.to(out_dtypes[1])
+
+
+@torch.library.custom_op("wsss_kernels::dot_affinity_loss", mutates_args=())
+def _dot_loss_op(x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor, mode: int, ignore_index: int,
+                 ignore_diagonal: bool, scale: float, save_scores: bool,
+                 operand_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _dot_loss_forward(x, y, labels, mode, ignore_index, ignore_diagonal, scale, save_scores, operand_dtype)
 
 
 @_dot_loss_op.register_fake
-def _(x, y, labels, mode, ignore_index, ignore_diagonal):
-    return x.new_empty((), dtype=compute_dtype(x)), x.new_empty(2, dtype=torch.long)
+def _(x, y, labels, mode, ignore_index, ignore_diagonal, scale, save_scores, operand_dtype):
+    B, N, _ = x.shape
+    ct = compute_dtype(x)
+    return (x.new_empty((), dtype=ct), x.new_empty(2, dtype=torch.long),
+            x.new_empty((B, N, N) if save_scores else (0,), dtype=ct))
 
 
 @torch.library.custom_op("wsss_kernels::dot_affinity_loss_backward", mutates_args=())
-def _dot_loss_bwd_op(grad: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                     labels: torch.Tensor, mode: int, ignore_index: int,
-                     ignore_diagonal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    B, N, D = x.shape
-    blocks = _dot_blocks(N, D, x.device)
-    block_do = max(16, min(128 if x.device.type == "cuda" else 256, triton.next_power_of_2(D)))
-    coef = _coefficients(grad, counts, compute_dtype(x))
-    lab = _flat_labels(labels)
-    grid = (B, triton.cdiv(N, blocks["BLOCK_I"]), triton.cdiv(D, block_do))
-    meta = dict(MODE=mode, ACC=_acc(x), IGNORE_DIAG=ignore_diagonal, BLOCK_DO=block_do, **blocks)
-    dx = torch.empty(B, N, D, dtype=compute_dtype(x), device=x.device)
-    _dot_loss_bwd_kernel[grid](x, y, lab, coef, dx, N, D, ignore_index, **meta)
-    if mode == MODE_COSINE:  # y is x: s symmetric, dL/dx = dx + dy = 2·dx
-        return (2 * dx).to(x.dtype), torch.zeros_like(y)
-    dy = torch.empty_like(dx)
-    _dot_loss_bwd_kernel[grid](y, x, lab, coef, dy, N, D, ignore_index, **meta)
-    return dx.to(x.dtype), dy.to(y.dtype)
+def _dot_loss_bwd_op(grad: torch.Tensor, counts: torch.Tensor, scores: torch.Tensor, x: torch.Tensor,
+                     y: torch.Tensor, labels: torch.Tensor, mode: int, ignore_index: int, ignore_diagonal: bool,
+                     scale: float, operand_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _dot_loss_backward(grad, counts, scores, x, y, labels, mode, ignore_index, ignore_diagonal, scale,
+                              operand_dtype)
 
 
 @_dot_loss_bwd_op.register_fake
-def _(grad, counts, x, y, labels, mode, ignore_index, ignore_diagonal):
-    return torch.empty_like(x), torch.empty_like(y)
+def _(grad, counts, scores, x, y, labels, mode, ignore_index, ignore_diagonal, scale, operand_dtype):
+    return torch.empty_like(x), (y.new_empty(0) if mode == MODE_COSINE else torch.empty_like(y))
 
 
 def _dot_setup(ctx, inputs, output):
-    x, y, labels, mode, ignore_index, ignore_diagonal = inputs
-    ctx.save_for_backward(x, y, labels, output[1])
-    ctx.options = (mode, ignore_index, ignore_diagonal)
+    x, y, labels, mode, ignore_index, ignore_diagonal, scale, save_scores, operand_dtype = inputs
+    ctx.save_for_backward(x, y, labels, output[1], output[2])
+    ctx.options = (mode, ignore_index, ignore_diagonal, scale, operand_dtype)
+    ctx.scores_saved = save_scores
 
 
-def _dot_backward(ctx, grad_loss, _grad_counts):
-    x, y, labels, counts = ctx.saved_tensors
-    dx, dy = _dot_loss_bwd_op(grad_loss, counts, x, y, labels, *ctx.options)
-    return dx, dy, None, None, None, None
+def _dot_backward(ctx, grad_loss, _grad_counts, _grad_scores):
+    x, y, labels, counts, scores = ctx.saved_tensors
+    if not ctx.scores_saved:
+        raise RuntimeError("dot_affinity_loss was run with save_scores=False; its backward needs the scores")
+    dx, dy = _dot_loss_bwd_op(grad_loss, counts, scores, x, y, labels, *ctx.options)
+    if ctx.options[0] == MODE_COSINE:  # x and y are one tensor: dx holds its whole gradient
+        dy = None
+    return dx, dy, None, None, None, None, None, None, None
 
 
 _dot_loss_op.register_autograd(_dot_backward, setup_context=_dot_setup)
@@ -385,9 +479,11 @@ def masked_cosine_affinity_loss(features: torch.Tensor, labels: torch.Tensor, ig
         raise ValueError(f"features must not be empty, got shape {tuple(features.shape)}")
     if resolve_impl(impl, "masked_cosine_affinity_loss", features, labels) == "reference":
         return masked_cosine_affinity_loss_reference(features, labels, ignore_index)
+    # normalised in fp32 (float64); the kernels multiply half features' cosines as half operands
     f = F.normalize(features.to(compute_dtype(features)).flatten(2), dim=1, eps=COS_EPS).transpose(1, 2)
     f = f.contiguous()
-    return _dot_loss_op(f, f, labels, MODE_COSINE, ignore_index, True)[0]
+    save = torch.is_grad_enabled() and features.requires_grad
+    return _dot_loss_op(f, f, labels, MODE_COSINE, ignore_index, True, 1.0, save, features.dtype)[0]
 
 
 def masked_sigmoid_affinity_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
@@ -412,8 +508,9 @@ def masked_sigmoid_affinity_loss_qk(q: torch.Tensor, k: torch.Tensor, labels: to
 
     ``q``, ``k`` (B,Hd,N,dh) are the patch-token queries/keys; ``scale`` is the attention scale
     (default 1/√dh). The head mean equals ``Q·Kᵀ·scale/Hd`` over the concatenated head dims,
-    which the Triton path computes tile by tile without an N×N matrix. Differentiable w.r.t.
-    ``q`` and ``k``."""
+    which the Triton path computes tile by tile; it holds an N×N matrix only when a gradient is
+    needed (the (B,N,N) fp32 logits its backward reads; the reference holds (B,Hd,N,N)).
+    Differentiable w.r.t. ``q`` and ``k``."""
     check_tensor("q", q, 4, floating=True)
     check_tensor("k", k, 4, floating=True)
     if q.shape != k.shape:
@@ -430,7 +527,9 @@ def masked_sigmoid_affinity_loss_qk(q: torch.Tensor, k: torch.Tensor, labels: to
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if resolve_impl(impl, "masked_sigmoid_affinity_loss_qk", q, k, labels) == "reference":
         return masked_sigmoid_affinity_loss_qk_reference(q, k, labels, ignore_index, ignore_diagonal, scale)
-    ct = compute_dtype(q)
-    qc = (q.to(ct).transpose(1, 2).reshape(B, N, Hd * dh) * (float(scale) / Hd)).contiguous()
-    kc = k.to(ct).transpose(1, 2).reshape(B, N, Hd * dh).contiguous()
-    return _dot_loss_op(qc, kc, labels, MODE_SIGMOID, ignore_index, bool(ignore_diagonal))[0]
+    # heads concatenated along the feature dim, in the input dtype (half q, k multiply as half)
+    qc = q.transpose(1, 2).reshape(B, N, Hd * dh).contiguous()
+    kc = k.transpose(1, 2).reshape(B, N, Hd * dh).contiguous()
+    save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return _dot_loss_op(qc, kc, labels, MODE_SIGMOID, ignore_index, bool(ignore_diagonal), float(scale) / Hd, save,
+                        q.dtype)[0]
