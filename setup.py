@@ -46,8 +46,10 @@ def _extensions():
     define_macros = []
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731
     if with_cuda:
-        # At least Hopper (sm_90); users override with TORCH_CUDA_ARCH_LIST.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # Ampere and Hopper machine code, plus PTX of the highest listed architecture so that
+        # newer GPUs JIT-compile it instead of failing with "no kernel image"; users override
+        # with TORCH_CUDA_ARCH_LIST.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         define_macros.append(("WSSS_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
             "wsss._C",

@@ -77,6 +77,34 @@ def test_op_row_widths(channels):
     assert np.abs(out - ref).max() <= 2e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("d, offset", [(5, 1e5), (12, 0.0)])
+def test_op_keys_beyond_64_bits_match_reference(d, offset):
+    """Far-apart clusters (d=5) or many dimensions (d=12) need more than 63 bits of packed vertex
+    key; the lattice then sorts the key tuples instead, with the same result."""
+    f = clustered_features(48, d, seed=d)
+    f[::2] += offset
+    v = np.random.default_rng(d).normal(size=(48, 3))
+    ref = permutohedral_filter_reference(f, v)
+    out = permutohedral_filter(torch.from_numpy(f), torch.from_numpy(v)).numpy()
+    assert np.abs(out - ref).max() <= 1e-10 * np.abs(ref).max()
+
+
+def test_op_result_does_not_depend_on_thread_count():
+    # The splat gathers each vertex's points in point order, so the sums are the same whichever
+    # thread computes them: bit-identical results for 1 and 2 threads.
+    f = torch.from_numpy(image_features(60, 50, sxy=1.0, srgb=3.0)).float()
+    v = torch.rand(3000, 21)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = permutohedral_filter(f, v)
+        torch.set_num_threads(2)
+        parallel = permutohedral_filter(f, v)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
+
+
 def test_op_transpose_is_adjoint_and_matches_reference():
     f = torch.from_numpy(clustered_features(40, 5, seed=3))
     x = torch.randn(40, 3, dtype=torch.float64)
@@ -174,6 +202,9 @@ def test_validation():
         permutohedral_filter(torch.full((10, 5), math.nan), v)
     with pytest.raises(ValueError, match=r"\(N,d\)"):
         permutohedral_filter(torch.rand(10), torch.rand(10))
+    too_many = 2**26 + 1  # expanded views: nothing is allocated
+    with pytest.raises(ValueError, match="at most"):
+        permutohedral_filter(torch.zeros(1, 5).expand(too_many, 5), torch.zeros(1, 1).expand(too_many, 1))
 
 
 def test_empty_inputs():

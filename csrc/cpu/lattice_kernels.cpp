@@ -59,15 +59,27 @@ WSSS_ALWAYS_INLINE void with_blocks(int nb, const Args&... args) {
   }
 }
 
-struct ScatterOp {
+struct SplatOp {
   template <int NB>
-  static WSSS_ALWAYS_INLINE void fixed(const int32_t* vertex, const float* weight, int d1, const float* in_scale,
-                                       const float* in, float* out, int64_t i0, int64_t i1) {
-    simd::scatter_range<NB>(vertex, weight, d1, in_scale, in, out, i0, i1);
+  static WSSS_ALWAYS_INLINE void fixed(const int32_t* offset, const int32_t* point, const float* weight,
+                                       const float* in, float* out, int64_t v0, int64_t v1) {
+    simd::splat_range<NB>(offset, point, weight, in, out, v0, v1);
   }
-  static WSSS_ALWAYS_INLINE void generic(int64_t ld, const int32_t* vertex, const float* weight, int d1,
-                                         const float* in_scale, const float* in, float* out, int64_t i0, int64_t i1) {
-    detail::scatter_range(vertex, weight, d1, in_scale, in, out, ld, i0, i1);
+  static WSSS_ALWAYS_INLINE void generic(int64_t ld, const int32_t* offset, const int32_t* point, const float* weight,
+                                         const float* in, float* out, int64_t v0, int64_t v1) {
+    detail::splat_range(offset, point, weight, in, out, ld, v0, v1);
+  }
+};
+
+struct BlurOp {
+  template <int NB>
+  static WSSS_ALWAYS_INLINE void fixed(const int32_t* nb, const float* cur, float* nxt, int64_t v0, int64_t v1,
+                                       bool stream) {
+    simd::blur_range<NB>(nb, cur, nxt, v0, v1, stream);
+  }
+  static WSSS_ALWAYS_INLINE void generic(int64_t ld, const int32_t* nb, const float* cur, float* nxt, int64_t v0,
+                                         int64_t v1, bool) {
+    detail::blur_range(nb, cur, nxt, ld, v0, v1);
   }
 };
 
@@ -103,9 +115,10 @@ struct RowPassOp {
       for (int64_t k = 0; k < K; ++k) row[k] /= sum;
       if (q) std::memcpy(q + i * ld, row.data(), sizeof(float) * ld);
       for (const CrfKernel* c : {&g, &b})
-        if (c->eta && c->splat)
-          detail::scatter_range(c->lattice.vertex + i * c->lattice.d1, c->lattice.weight + i * c->lattice.d1,
-                                c->lattice.d1, c->eta + i, row.data(), c->splat, ld, 0, 1);
+        if (c->scatter)
+          for (int k = 0; k < c->lattice.d1; ++k)
+            detail::axpy(c->scatter + static_cast<int64_t>(c->lattice.vertex[i * c->lattice.d1 + k]) * ld, row.data(),
+                         c->eta[i] * c->lattice.weight[i * c->lattice.d1 + k], ld);
     }
   }
 };
@@ -115,19 +128,14 @@ WSSS_ALWAYS_INLINE void embed_f32_body(const float* f, int d, const float* scale
   detail::embed_range(f, d, scale, rem0, rank, bary, i0, i1);
 }
 
-WSSS_ALWAYS_INLINE void scatter_f32_body(const int32_t* vertex, const float* weight, int d1, const float* in_scale,
-                                         const float* in, float* out, int64_t ld, int64_t i0, int64_t i1) {
-  with_blocks<ScatterOp>(static_cast<int>(ld / kLanes), vertex, weight, d1, in_scale, in, out, i0, i1);
-}
-
-WSSS_ALWAYS_INLINE void reduce_f32_body(float* const* parts, int count, float* out, int64_t ld, int64_t v0,
-                                        int64_t v1) {
-  detail::reduce_range(parts, count, out, ld, v0, v1);
+WSSS_ALWAYS_INLINE void splat_f32_body(const int32_t* offset, const int32_t* point, const float* weight,
+                                       const float* in, float* out, int64_t ld, int64_t v0, int64_t v1) {
+  with_blocks<SplatOp>(static_cast<int>(ld / kLanes), offset, point, weight, in, out, v0, v1);
 }
 
 WSSS_ALWAYS_INLINE void blur_f32_body(const int32_t* nb, const float* cur, float* nxt, int64_t ld, int64_t v0,
-                                      int64_t v1) {
-  detail::blur_range(nb, cur, nxt, ld, v0, v1);
+                                      int64_t v1, bool stream) {
+  with_blocks<BlurOp>(static_cast<int>(ld / kLanes), nb, cur, nxt, v0, v1, stream);
 }
 
 WSSS_ALWAYS_INLINE void slice_f32_body(const detail::SliceView<float>& s, float* out, int64_t ld, int64_t i0,
@@ -149,14 +157,13 @@ WSSS_DISPATCH(embed_f32,
               (const float* f, int d, const float* scale, int32_t* rem0, int32_t* rank, float* bary, int64_t i0,
                int64_t i1),
               (f, d, scale, rem0, rank, bary, i0, i1))
-WSSS_DISPATCH(scatter_f32,
-              (const int32_t* vertex, const float* weight, int d1, const float* in_scale, const float* in, float* out,
-               int64_t ld, int64_t i0, int64_t i1),
-              (vertex, weight, d1, in_scale, in, out, ld, i0, i1))
-WSSS_DISPATCH(reduce_f32, (float* const* parts, int count, float* out, int64_t ld, int64_t v0, int64_t v1),
-              (parts, count, out, ld, v0, v1))
-WSSS_DISPATCH(blur_f32, (const int32_t* nb, const float* cur, float* nxt, int64_t ld, int64_t v0, int64_t v1),
-              (nb, cur, nxt, ld, v0, v1))
+WSSS_DISPATCH(splat_f32,
+              (const int32_t* offset, const int32_t* point, const float* weight, const float* in, float* out,
+               int64_t ld, int64_t v0, int64_t v1),
+              (offset, point, weight, in, out, ld, v0, v1))
+WSSS_DISPATCH(blur_f32,
+              (const int32_t* nb, const float* cur, float* nxt, int64_t ld, int64_t v0, int64_t v1, bool stream),
+              (nb, cur, nxt, ld, v0, v1, stream))
 WSSS_DISPATCH(slice_f32, (const detail::SliceView<float>& s, float* out, int64_t ld, int64_t i0, int64_t i1),
               (s, out, ld, i0, i1))
 WSSS_DISPATCH(crf_row_pass_f32,
@@ -174,17 +181,14 @@ void LatticeKernels<float>::embed(const float* f, int d, const float* scale, int
   embed_f32(f, d, scale, rem0, rank, bary, i0, i1);
 }
 
-void LatticeKernels<float>::scatter(const int32_t* vertex, const float* weight, int d1, const float* in_scale,
-                                    const float* in, float* out, int64_t ld, int64_t i0, int64_t i1) {
-  scatter_f32(vertex, weight, d1, in_scale, in, out, ld, i0, i1);
+void LatticeKernels<float>::splat(const int32_t* offset, const int32_t* point, const float* weight, const float* in,
+                                  float* out, int64_t ld, int64_t v0, int64_t v1) {
+  splat_f32(offset, point, weight, in, out, ld, v0, v1);
 }
 
-void LatticeKernels<float>::reduce(float* const* parts, int count, float* out, int64_t ld, int64_t v0, int64_t v1) {
-  reduce_f32(parts, count, out, ld, v0, v1);
-}
-
-void LatticeKernels<float>::blur(const int32_t* nb, const float* cur, float* nxt, int64_t ld, int64_t v0, int64_t v1) {
-  blur_f32(nb, cur, nxt, ld, v0, v1);
+void LatticeKernels<float>::blur(const int32_t* nb, const float* cur, float* nxt, int64_t ld, int64_t v0, int64_t v1,
+                                 bool stream) {
+  blur_f32(nb, cur, nxt, ld, v0, v1, stream);
 }
 
 void LatticeKernels<float>::slice(const detail::SliceView<float>& s, float* out, int64_t ld, int64_t i0, int64_t i1) {

@@ -50,25 +50,16 @@ WSSS_ALWAYS_INLINE void embed_range(const T* features, int d, const T* scale, in
   }
 }
 
-// Splat, scatter form: out[v_ik] += b_ik * in_scale[i] * in[i] for points [i0, i1), in point
-// order (the same summation order as a serial splat).
+// Splat, gather form: out[v] = sum over v's entries t (in point order) of weight[t] * in[point[t]],
+// for vertices [v0, v1).
 template <typename T>
-WSSS_ALWAYS_INLINE void scatter_range(const int32_t* vertex, const T* weight, int d1, const T* in_scale, const T* in,
-                                      T* out, int64_t ld, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const T s = in_scale ? in_scale[i] : T(1);
-    for (int k = 0; k < d1; ++k)
-      axpy(out + static_cast<int64_t>(vertex[i * d1 + k]) * ld, in + i * ld, s * weight[i * d1 + k], ld);
-  }
-}
-
-// out[v] = sum over the `count` partial splats, rows [v0, v1).
-template <typename T>
-WSSS_ALWAYS_INLINE void reduce_range(T* const* parts, int count, T* out, int64_t ld, int64_t v0, int64_t v1) {
-  for (int64_t x = v0 * ld; x < v1 * ld; ++x) {
-    T acc = parts[0][x];
-    for (int t = 1; t < count; ++t) acc += parts[t][x];
-    out[x] = acc;
+WSSS_ALWAYS_INLINE void splat_range(const int32_t* offset, const int32_t* point, const T* weight, const T* in, T* out,
+                                    int64_t ld, int64_t v0, int64_t v1) {
+  for (int64_t v = v0; v < v1; ++v) {
+    T* dst = out + v * ld;
+    std::fill(dst, dst + ld, T(0));
+    for (int32_t t = offset[v]; t < offset[v + 1]; ++t)
+      axpy(dst, in + static_cast<int64_t>(point[t]) * ld, weight[t], ld);
   }
 }
 
@@ -120,14 +111,11 @@ struct LatticeKernels {
   static void embed(const T* f, int d, const T* scale, int32_t* rem0, int32_t* rank, T* bary, int64_t i0, int64_t i1) {
     detail::embed_range(f, d, scale, rem0, rank, bary, i0, i1);
   }
-  static void scatter(const int32_t* vertex, const T* weight, int d1, const T* in_scale, const T* in, T* out,
-                      int64_t ld, int64_t i0, int64_t i1) {
-    detail::scatter_range(vertex, weight, d1, in_scale, in, out, ld, i0, i1);
+  static void splat(const int32_t* offset, const int32_t* point, const T* weight, const T* in, T* out, int64_t ld,
+                    int64_t v0, int64_t v1) {
+    detail::splat_range(offset, point, weight, in, out, ld, v0, v1);
   }
-  static void reduce(T* const* parts, int count, T* out, int64_t ld, int64_t v0, int64_t v1) {
-    detail::reduce_range(parts, count, out, ld, v0, v1);
-  }
-  static void blur(const int32_t* nb, const T* cur, T* nxt, int64_t ld, int64_t v0, int64_t v1) {
+  static void blur(const int32_t* nb, const T* cur, T* nxt, int64_t ld, int64_t v0, int64_t v1, bool /*stream*/) {
     detail::blur_range(nb, cur, nxt, ld, v0, v1);
   }
   static void slice(const detail::SliceView<T>& s, T* out, int64_t ld, int64_t i0, int64_t i1) {
@@ -139,25 +127,26 @@ template <>
 struct LatticeKernels<float> {
   static void embed(const float* f, int d, const float* scale, int32_t* rem0, int32_t* rank, float* bary, int64_t i0,
                     int64_t i1);
-  static void scatter(const int32_t* vertex, const float* weight, int d1, const float* in_scale, const float* in,
-                      float* out, int64_t ld, int64_t i0, int64_t i1);
-  static void reduce(float* const* parts, int count, float* out, int64_t ld, int64_t v0, int64_t v1);
-  static void blur(const int32_t* nb, const float* cur, float* nxt, int64_t ld, int64_t v0, int64_t v1);
+  static void splat(const int32_t* offset, const int32_t* point, const float* weight, const float* in, float* out,
+                    int64_t ld, int64_t v0, int64_t v1);
+  // stream: write nxt with non-temporal stores (rows 16-byte aligned).
+  static void blur(const int32_t* nb, const float* cur, float* nxt, int64_t ld, int64_t v0, int64_t v1, bool stream);
   static void slice(const detail::SliceView<float>& s, float* out, int64_t ld, int64_t i0, int64_t i1);
 };
 
 // One pairwise kernel in a mean-field row pass of the dense CRF (SPEC §6.3).
 struct CrfKernel {
-  detail::SliceView<float> lattice;  // corners and weights; values = blurred message (null: none yet)
-  const float* eta;                  // symmetric normalisation per point
+  detail::SliceView<float> lattice;  // corners, weights and the blurred message (values null: none)
+  const float* eta;                  // symmetric normalisation per point (null: kernel unused)
   float weight;                      // Potts weight w
-  float* splat;                      // where to splat eta ⊙ q_new (null: not needed)
+  float* scatter;                    // if set, splat eta_i q_i here (vertex rows of ld)
+  bool prefetch;                     // prefetch the message rows (values far larger than the caches)
 };
 
 // Rows [i0, i1), rows of ld floats with zero padding:
 //   q_i = softmax_K(neg_unary_i + sum over kernels with a message of w eta_i slice(i));
-// q_i is written to q (if not null) and eta_i q_i splatted into each kernel's `splat` buffer,
-// so the next iteration never re-reads Q. A kernel with a null eta is skipped entirely.
+// q_i is stored in q (unless null) and, for kernels with a scatter buffer, splatted into it
+// (eta_i b_ik q_i added to the row of each corner v_ik, points in order).
 void crf_row_pass(const float* neg_unary, int64_t ld, int64_t K, const CrfKernel& g, const CrfKernel& b, float* q,
                   int64_t i0, int64_t i1);
 

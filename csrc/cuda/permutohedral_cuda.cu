@@ -3,9 +3,11 @@
 // Lattice construction on the GPU: every (point, remainder) pair computes its vertex key; the
 // keys go into an open-addressing hash table with atomicCAS (the first pair to claim a slot owns
 // the vertex); owners are numbered with a prefix sum, and the blur neighbours are looked up in
-// the same table. Nothing is copied to the host: the vertex count stays on the device and the
-// kernels that run over vertices are launched over the upper bound N·(d+1) and return early.
-// Splat uses atomicAdd, so float results can differ in the last bits between runs.
+// the same table. The vertex count is copied to the host once per build, so the vertex buffers
+// and the launches over vertices have their real size. A lattice keeps its value buffers across
+// filters (the dense CRF's iterations reuse them), and the images of a dense_crf batch run on
+// separate streams. Splat uses atomicAdd, so float results can differ in the last bits between
+// runs.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
@@ -14,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/softmax.h>
 #include <ATen/ops/stack.h>
@@ -23,7 +26,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../cpu/lattice_embed.h"
 
@@ -31,6 +36,8 @@ namespace wsss {
 namespace {
 
 constexpr int kThreads = 256;
+// Streams a dense_crf batch is spread over.
+constexpr int64_t kMaxConcurrentImages = 4;
 
 inline int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
@@ -108,12 +115,11 @@ __device__ __forceinline__ int32_t find_vertex(const int32_t* key, const int32_t
 }
 
 // Blur neighbours of vertex v along direction j: key -/+ (1,..,1) -/+ (d+1) e_j; -1 if absent.
-__global__ void neighbor_kernel(const int32_t* __restrict__ keys, const int32_t* __restrict__ rep,
-                                const int32_t* __restrict__ num_vertices, int64_t bound, int d,
+__global__ void neighbor_kernel(const int32_t* __restrict__ keys, const int32_t* __restrict__ rep, int64_t m, int d,
                                 const int32_t* __restrict__ table, int64_t mask, const int32_t* __restrict__ dense,
                                 int32_t* __restrict__ neighbors) {
   const int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (v >= *num_vertices) return;
+  if (v >= m) return;
   const int32_t* k0 = keys + static_cast<int64_t>(rep[v]) * d;
   int32_t n1[kMaxFeatureDim], n2[kMaxFeatureDim];
   for (int j = 0; j <= d; ++j) {
@@ -125,8 +131,8 @@ __global__ void neighbor_kernel(const int32_t* __restrict__ keys, const int32_t*
       n1[j] = k0[j] + d;
       n2[j] = k0[j] - d;
     }
-    neighbors[(j * bound + v) * 2] = find_vertex(n1, keys, d, table, mask, dense);
-    neighbors[(j * bound + v) * 2 + 1] = find_vertex(n2, keys, d, table, mask, dense);
+    neighbors[(j * m + v) * 2] = find_vertex(n1, keys, d, table, mask, dense);
+    neighbors[(j * m + v) * 2 + 1] = find_vertex(n2, keys, d, table, mask, dense);
   }
 }
 
@@ -143,11 +149,11 @@ __global__ void splat_kernel(const scalar_t* __restrict__ in, const scalar_t* __
 }
 
 template <typename scalar_t>
-__global__ void blur_kernel(const scalar_t* __restrict__ cur, const int32_t* __restrict__ nb,
-                            const int32_t* __restrict__ num_vertices, int64_t C, scalar_t* __restrict__ nxt) {
+__global__ void blur_kernel(const scalar_t* __restrict__ cur, const int32_t* __restrict__ nb, int64_t m, int64_t C,
+                            scalar_t* __restrict__ nxt) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= m * C) return;
   const int64_t v = t / C, c = t % C;
-  if (v >= *num_vertices) return;
   const int32_t a = nb[2 * v], b = nb[2 * v + 1];
   const scalar_t va = a >= 0 ? cur[a * C + c] : scalar_t(0);
   const scalar_t vb = b >= 0 ? cur[b * C + c] : scalar_t(0);
@@ -170,14 +176,14 @@ __global__ void slice_kernel(const scalar_t* __restrict__ vals, const int32_t* _
 template <typename scalar_t>
 class CudaLattice {
  public:
-  // features: (n, d) contiguous on the current device.
+  // features: (n, d) contiguous on the current device; runs on the current stream. Copies the
+  // vertex count to the host (one synchronisation of that stream).
   void build(const at::Tensor& features) {
     n_ = features.size(0);
     d_ = static_cast<int>(features.size(1));
     TORCH_CHECK(d_ >= 1 && d_ <= kMaxFeatureDim, "permutohedral lattice: feature dim must be in 1..", kMaxFeatureDim);
     const int64_t entries = n_ * (d_ + 1);
     TORCH_CHECK(entries < (int64_t(1) << 30), "permutohedral lattice: too many points (", n_, ")");
-    entries_ = entries;
     auto stream = c10::cuda::getCurrentCUDAStream();
     const auto iopt = features.options().dtype(at::kInt);
     weight_ = at::empty({entries}, features.options());
@@ -196,17 +202,17 @@ class CudaLattice {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor is_owner = owner.eq(at::arange(entries, iopt)).to(at::kInt);
     const at::Tensor dense = at::cumsum(is_owner, 0, at::kInt).sub_(1);
-    num_vertices_ = dense.narrow(0, entries - 1, 1).add(1);  // stays on the device
+    m_ = static_cast<int64_t>(dense[entries - 1].item<int32_t>()) + 1;
     vertex_ = at::empty({entries}, iopt);
-    at::Tensor rep = at::empty({entries}, iopt);
+    at::Tensor rep = at::empty({m_}, iopt);
     number_kernel<<<blocks_for(entries), kThreads, 0, stream>>>(owner.data_ptr<int32_t>(), dense.data_ptr<int32_t>(),
                                                                  entries, vertex_.data_ptr<int32_t>(),
                                                                  rep.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    neighbors_ = at::empty({d_ + 1, entries, 2}, iopt);
-    neighbor_kernel<<<blocks_for(entries), kThreads, 0, stream>>>(
-        keys.data_ptr<int32_t>(), rep.data_ptr<int32_t>(), num_vertices_.data_ptr<int32_t>(), entries, d_,
-        table.data_ptr<int32_t>(), capacity - 1, dense.data_ptr<int32_t>(), neighbors_.data_ptr<int32_t>());
+    neighbors_ = at::empty({d_ + 1, m_, 2}, iopt);
+    neighbor_kernel<<<blocks_for(m_), kThreads, 0, stream>>>(
+        keys.data_ptr<int32_t>(), rep.data_ptr<int32_t>(), m_, d_, table.data_ptr<int32_t>(), capacity - 1,
+        dense.data_ptr<int32_t>(), neighbors_.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -214,18 +220,18 @@ class CudaLattice {
   void filter(const at::Tensor& in, at::Tensor& out, bool transpose, const scalar_t* in_scale = nullptr) {
     const int64_t C = in.size(1);
     auto stream = c10::cuda::getCurrentCUDAStream();
-    // Vertex buffers sized by the upper bound on the vertex count (which stays on the device).
-    at::Tensor cur = at::zeros({entries_, C}, in.options());
-    at::Tensor nxt = at::empty({entries_, C}, in.options());
-    splat_kernel<scalar_t><<<blocks_for(entries_ * C), kThreads, 0, stream>>>(
-        in.data_ptr<scalar_t>(), in_scale, vertex_.data_ptr<int32_t>(), weight_.data_ptr<scalar_t>(), entries_, d_ + 1,
-        C, cur.data_ptr<scalar_t>());
+    reserve(C, in.options());
+    at::Tensor cur = cur_, nxt = nxt_;
+    cur.zero_();
+    splat_kernel<scalar_t><<<blocks_for(n_ * (d_ + 1) * C), kThreads, 0, stream>>>(
+        in.data_ptr<scalar_t>(), in_scale, vertex_.data_ptr<int32_t>(), weight_.data_ptr<scalar_t>(),
+        n_ * (d_ + 1), d_ + 1, C, cur.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     for (int step = 0; step <= d_; ++step) {
       const int j = transpose ? d_ - step : step;
-      blur_kernel<scalar_t><<<blocks_for(entries_ * C), kThreads, 0, stream>>>(
-          cur.data_ptr<scalar_t>(), neighbors_.data_ptr<int32_t>() + static_cast<int64_t>(j) * entries_ * 2,
-          num_vertices_.data_ptr<int32_t>(), C, nxt.data_ptr<scalar_t>());
+      blur_kernel<scalar_t><<<blocks_for(m_ * C), kThreads, 0, stream>>>(
+          cur.data_ptr<scalar_t>(), neighbors_.data_ptr<int32_t>() + static_cast<int64_t>(j) * m_ * 2, m_, C,
+          nxt.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       std::swap(cur, nxt);
     }
@@ -237,9 +243,17 @@ class CudaLattice {
   }
 
  private:
-  int64_t n_ = 0, entries_ = 0;
+  // Vertex value buffers (m, C), allocated once and reused by every filter with C channels.
+  void reserve(int64_t C, const at::TensorOptions& options) {
+    if (cur_.defined() && cur_.size(0) == m_ && cur_.size(1) == C) return;
+    cur_ = at::empty({m_, C}, options);
+    nxt_ = at::empty({m_, C}, options);
+  }
+
+  int64_t n_ = 0, m_ = 0;
   int d_ = 0;
-  at::Tensor weight_, vertex_, neighbors_, num_vertices_;
+  at::Tensor weight_, vertex_, neighbors_;
+  at::Tensor cur_, nxt_;
 };
 
 at::Tensor permutohedral_filter_cuda(const at::Tensor& features, const at::Tensor& values, bool transpose) {
@@ -263,6 +277,15 @@ at::Tensor permutohedral_filter_cuda(const at::Tensor& features, const at::Tenso
   return out;
 }
 
+// Makes each of `waiters` wait (on the device) for the work queued so far on `stream`.
+void wait_for(const c10::cuda::CUDAStream& stream, const std::vector<c10::cuda::CUDAStream>& waiters) {
+  cudaEvent_t event;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(event, stream.stream()));
+  for (const auto& waiter : waiters) C10_CUDA_CHECK(cudaStreamWaitEvent(waiter.stream(), event, 0));
+  C10_CUDA_CHECK(cudaEventDestroy(event));  // released once the waits are done
+}
+
 // SPEC §6.3 on one image: image (3,H,W) uint8, probs (K,H,W) float32 -> Q (K,H,W).
 at::Tensor dense_crf_cuda_image(const at::Tensor& image, const at::Tensor& probs, int64_t num_iter, double pos_xy_std,
                                 double pos_w, double bi_xy_std, double bi_rgb_std, double bi_w) {
@@ -283,19 +306,22 @@ at::Tensor dense_crf_cuda_image(const at::Tensor& image, const at::Tensor& probs
   lat_b.filter(ones, norm_b, false);
   const at::Tensor eta_g = norm_g.add_(1e-20).rsqrt_(), eta_b = norm_b.add_(1e-20).rsqrt_();
   const at::Tensor neg_unary = probs.reshape({K, N}).t().clamp(1e-5, 1.0).log().contiguous();
+  // Every buffer of the mean-field loop is allocated once here.
   at::Tensor q = at::softmax(neg_unary, 1);
-  at::Tensor msg = at::empty({N, K}, fopt);
+  at::Tensor logits = at::empty_like(neg_unary), scaled = at::empty_like(neg_unary), msg = at::empty_like(neg_unary);
   for (int64_t it = 0; it < num_iter; ++it) {
-    at::Tensor logits = neg_unary.clone();
+    logits.copy_(neg_unary);
     if (pos_w != 0.0) {
-      lat_g.filter(q.mul(eta_g), msg, false);
-      logits.add_(msg.mul(eta_g), pos_w);
+      at::mul_out(scaled, q, eta_g);
+      lat_g.filter(scaled, msg, false);
+      logits.addcmul_(msg, eta_g, pos_w);
     }
     if (bi_w != 0.0) {
-      lat_b.filter(q.mul(eta_b), msg, false);
-      logits.add_(msg.mul(eta_b), bi_w);
+      at::mul_out(scaled, q, eta_b);
+      lat_b.filter(scaled, msg, false);
+      logits.addcmul_(msg, eta_b, bi_w);
     }
-    q = at::softmax(logits, 1);
+    at::softmax_out(q, logits, 1);
   }
   return q.t().reshape({K, H, W});
 }
@@ -312,8 +338,22 @@ at::Tensor dense_crf_cuda(const at::Tensor& image, const at::Tensor& probs, int6
   const c10::cuda::CUDAGuard guard(probs.device());
   at::Tensor out = at::empty_like(probs);
   if (probs.numel() == 0) return out;
-  for (int64_t b = 0; b < probs.size(0); ++b)
+  // The images of a batch run concurrently, each on a stream of the pool. Every side stream
+  // first waits for the work queued so far on the caller's stream (which produced the inputs),
+  // and the caller's stream waits for all of them at the end; the memory of each image's
+  // temporaries belongs to its stream.
+  const int64_t B = probs.size(0);
+  const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
+  std::vector<c10::cuda::CUDAStream> streams;
+  for (int64_t s = 0; s < std::min<int64_t>(B, kMaxConcurrentImages) && B > 1; ++s)
+    streams.push_back(c10::cuda::getStreamFromPool(false, probs.device().index()));
+  if (!streams.empty()) wait_for(main, streams);
+  for (int64_t b = 0; b < B; ++b) {
+    const c10::cuda::CUDAStream stream = streams.empty() ? main : streams[b % streams.size()];
+    const c10::cuda::CUDAStreamGuard stream_guard(stream);
     out[b].copy_(dense_crf_cuda_image(image[b], probs[b], num_iter, pos_xy_std, pos_w, bi_xy_std, bi_rgb_std, bi_w));
+  }
+  for (const auto& stream : streams) wait_for(stream, {main});
   return out;
 }
 

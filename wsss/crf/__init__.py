@@ -24,9 +24,11 @@ from wsss.crf._ext import ops
 from wsss.crf.energy import DenseEnergyLoss
 
 __all__ = ["dense_crf", "dense_crf_batch", "dense_crf_many", "permutohedral_filter", "DenseEnergyLoss",
-           "MAX_FEATURE_DIM"]
+           "MAX_FEATURE_DIM", "MAX_POINTS"]
 
-MAX_FEATURE_DIM = 16  # kMaxFeatureDim in csrc/cpu/permutohedral.h
+MAX_FEATURE_DIM = 16  # kMaxFeatureDim in csrc/cpu/lattice_embed.h
+# kMaxLatticePoints in csrc/cpu/lattice_build.h: points (pixels) per lattice.
+MAX_POINTS = 2**26
 # Lattice keys are int32: |feature| · (d+1)² stays far below 2^31 under this bound.
 _MAX_ABS_FEATURE = 1e6
 
@@ -110,6 +112,8 @@ def dense_crf_batch(images: torch.Tensor, probs: torch.Tensor, num_iter: int = 1
                          f"got shape {tuple(probs.shape)}")
     if probs.device != images.device:
         raise ValueError(f"images ({images.device}) and probs ({probs.device}) must be on the same device")
+    if images.shape[2] * images.shape[3] > MAX_POINTS:
+        raise ValueError(f"images may have at most {MAX_POINTS} pixels, got {images.shape[2]}x{images.shape[3]}")
     if isinstance(num_threads, bool) or not isinstance(num_threads, Integral) or num_threads < 0:
         raise ValueError(f"num_threads must be an integer >= 0, got {num_threads!r}")
     _check_params(num_iter, pos_xy_std, pos_w, bi_xy_std, bi_rgb_std, bi_w)
@@ -144,9 +148,9 @@ def permutohedral_filter(features: torch.Tensor, values: torch.Tensor, transpose
 
     Computes ≈ Σ_j k(f_i, f_j) v_j with k the lattice's approximation of exp(-½‖f_i − f_j‖²)
     (unnormalised, self term included; scale features by 1/σ beforehand). ``features`` (N,d) or
-    (B,N,d), 1 <= d <= 16; ``values`` (N,C) or (B,N,C) on the same device. float32 and float64
-    run natively, half precision in float32. Differentiable w.r.t. ``values`` (the adjoint is
-    ``transpose=True``); ``features`` get no gradient.
+    (B,N,d), 1 <= d <= 16, N <= 2**26; ``values`` (N,C) or (B,N,C) on the same device. float32
+    and float64 run natively, half precision in float32. Differentiable w.r.t. ``values`` (the
+    adjoint is ``transpose=True``); ``features`` get no gradient.
     """
     if not isinstance(features, torch.Tensor) or not isinstance(values, torch.Tensor):
         raise TypeError("features and values must be tensors")
@@ -163,6 +167,8 @@ def permutohedral_filter(features: torch.Tensor, values: torch.Tensor, transpose
         raise ValueError(f"features must have 1..{MAX_FEATURE_DIM} channels, got {d}")
     if features.device != values.device:
         raise ValueError(f"features ({features.device}) and values ({values.device}) must be on the same device")
+    if features.shape[-2] > MAX_POINTS:
+        raise ValueError(f"features may have at most {MAX_POINTS} points, got {features.shape[-2]}")
     if features.numel() and not bool((features.abs() <= _MAX_ABS_FEATURE).all()):
         raise ValueError(f"features must be finite with |f| <= {_MAX_ABS_FEATURE:g} (scale them by 1/sigma)")
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
