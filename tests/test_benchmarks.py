@@ -60,3 +60,10 @@ def test_bench_kernels_command(tmp_path):
     out = tmp_path / "kernels-cpu.md"
     _run(["benchmarks/bench_kernels.py", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
     assert "| " in out.read_text()
+
+
+def test_bench_crf_command(tmp_path):
+    out = tmp_path / "crf-cpu.md"
+    _run(["benchmarks/bench_crf.py", "--device", "cpu", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    text = out.read_text()
+    assert "| dense_crf | official 1/3, 67/3/4 |" in text and "pydensecrf2" in text
