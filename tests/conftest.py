@@ -26,3 +26,13 @@ def pytest_runtest_setup(item):
 
         if not HAS_TRITON:
             pytest.fail("triton is not installed; the test suite requires it (pip install -r requirements.txt)")
+
+
+@pytest.fixture
+def ieee_fp32_dots():
+    """fp32 products in IEEE fp32 on CUDA too (the kernels follow torch's matmul precision), so
+    fp32 tolerances hold there whatever an earlier test set; TF32 is tested on its own."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)

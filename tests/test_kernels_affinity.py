@@ -18,13 +18,8 @@ FP32_TOL = dict(rtol=1e-5, atol=1e-7)
 
 
 @pytest.fixture(autouse=True)
-def ieee_fp32_dots():
-    """fp32 products in IEEE fp32 on CUDA too (the kernels follow torch's matmul precision), so
-    FP32_TOL holds there whatever an earlier test set; TF32 is tested on its own."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
+def _ieee(ieee_fp32_dots):
+    """FP32_TOL holds on CUDA too: fp32 products in IEEE fp32 (conftest.ieee_fp32_dots)."""
 
 
 def _labels_loops(lab, ign=255, diag=True):
