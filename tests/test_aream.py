@@ -167,6 +167,18 @@ def test_training_offline_entropy_and_evaluation(data_root, tmp_path):
     assert len(record["entropy_bits"]) == 3 and record["images"] == 3
     assert all(0 < v <= math.log2(64 // 8 * 64 // 8) + 1e-6 for v in record["entropy_bits"])
 
+    from wsss.tools.affinity import main as affinity_main
+
+    assert affinity_main(["--cfg", str(cfg_file), "--ckpt", str(ckpt), "--max-images", "2",
+                          f"run_dir={tmp_path / 'aff'}"]) == 0
+    stats = json.loads((tmp_path / "aff" / "affinity.json").read_text())
+    assert stats["images"] == 2 and len(stats["statistics"]["object_share"]) == 3
+    assert all(0 <= v <= 1 for v in stats["statistics"]["object_share"] + stats["statistics"]["sink"])
+    assert "| 2 |" in (tmp_path / "aff" / "affinity.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        affinity_main(["--cfg", str(cfg_file), "--ckpt", str(tmp_path / "nope.pt")])
+    assert e.value.code == 2
+
     cfg = load_config(None, base + [f"run_dir={tmp_path / 'aream'}", "aream.entropy=offline",
                                     f"aream.entropy_file={ent_file}", "train.max_iters=3"])
     ckpt = train(cfg)
@@ -230,9 +242,57 @@ def test_ablation_three_rows_and_reuse(data_root, tmp_path, monkeypatch):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "pseudo labels" not in line]
     assert [r.split(" | ")[0][2:] for r in rows[:3]] == list(ablation.AREAM_VARIANTS)
     assert (tmp_path / "run" / "ablation" / "layerwise.png").is_file()
+    share = table.split("own class, per layer")[1].splitlines()
+    assert share[2] == "| layer | " + " | ".join(ablation.AREAM_VARIANTS) + " |"
+    assert [line.split(" | ")[0] for line in share[4:]] == ["| 0", "| 1", "| 2"]
 
     def no_training(cfg):
         raise AssertionError("--reuse must not train a finished variant again")
 
     monkeypatch.setattr("wsss.train.loop.train", no_training)
     assert ablation.run_ablation(str(cfg_file), overrides, reuse=True).splitlines()[4:7] == table.splitlines()[4:7]
+
+
+def test_affinity_statistics_hand_case():
+    """wsss.cam.affinity_statistics against the docstring's definitions, computed query by query:
+    a 2×2 grid behind one other token, two heads (the head mean of the softmaxes), one ignored
+    patch, one background query."""
+    from wsss.cam import affinity_statistics
+
+    T, P = 5, 1
+    labels = torch.tensor([[[1, 1], [0, 2]]])  # flat: 1 1 0 2 ; patch (1,0) background
+    labels_ign = torch.tensor([[[1, 255], [0, 2]]])
+    torch.manual_seed(0)
+    logits = torch.randn(2, T, T) * 2  # two heads' attention logits
+    # with k = I and scale 1, q·kᵀ = q: q holds the logits themselves
+    q = logits[None, None]  # (L=1,B=1,Hd=2,T,dh=T)
+    k = torch.eye(T).expand(1, 1, 2, T, T).contiguous()
+    A = logits.softmax(dim=-1).mean(dim=0)[P:, P:]  # (N,N) head-mean patch block
+    pos = [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+    def expected(lab, ignore=255):
+        lab = lab.flatten().tolist()
+        shares, chances, masses, dists, tops = [], [], [], [], []
+        for m in range(4):
+            row = A[m].tolist()
+            masses.append(sum(row))
+            dists.append(sum(r * math.dist(pos[m], pos[n]) for n, r in enumerate(row)) / sum(row))
+            tops.append(max(range(4), key=lambda n: row[n]))
+            if lab[m] in (0, ignore):
+                continue
+            valid = [n for n in range(4) if lab[n] != ignore]
+            shares.append(sum(row[n] for n in valid if lab[n] == lab[m]) / sum(row[n] for n in valid))
+            chances.append(sum(1 for n in valid if lab[n] == lab[m]) / len(valid))
+        common = max(tops.count(t) for t in tops) / 4
+        uniform = sum(math.dist(a, b) for a in pos for b in pos) / 16
+        return dict(object_share=sum(shares) / len(shares), object_chance=sum(chances) / len(chances),
+                    patch_mass=sum(masses) / 4, distance=sum(dists) / 4, sink=common, distance_uniform=uniform)
+
+    for lab in (labels, labels_ign):
+        got = affinity_statistics(q, k, lab, scale=1.0)
+        for key, value in expected(lab).items():
+            assert got[key].shape == (1,)
+            assert got[key].item() == pytest.approx(value, abs=1e-6), key
+    # labels without the batch dimension are refused
+    with pytest.raises(ValueError, match="labels"):
+        affinity_statistics(q, k, labels[0])

@@ -43,6 +43,8 @@ def test_bench_eval_command(demo_checkpoint, tmp_path):
         assert row in text, text
     # the engine and the loop (and 2 processes) score the same
     assert "CRF off: yes, CRF on: yes" in text
+    # the forward-only bound, in 1 and 2 processes, over the same 3 images
+    assert "| 1 | 3 |" in text and "| 2 | 3 |" in text, text
     assert "images/s" in proc.stdout
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -193,6 +193,64 @@ def layer_entropy_bits(cam: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cls_
         logp = torch.log_softmax(refined.sum(dim=1).flatten(1).double(), dim=1)  # (B,N)
         out.append(-(logp.exp() * logp).sum(dim=1) / math.log(2.0))
     return torch.stack(out).float()
+
+
+@torch.no_grad()
+def affinity_statistics(q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor, scale: Optional[float] = None,
+                        ignore_index: int = 255) -> Dict[str, torch.Tensor]:
+    """Whether each layer's patch affinity could re-activate a CAM (the premise of SPEC §5's
+    re-activation), measured against ground-truth masks. Not part of any method: a diagnostic.
+
+    ``q``, ``k`` (L,B,Hd,T,dh) of every layer (class and other tokens first, then the N = h·w
+    patches); ``labels`` (B,h,w) ground-truth classes at token resolution (0 background,
+    ``ignore_index`` ignored). Per layer l, with A = mean_h softmax(scale · q kᵀ) restricted to
+    the patch block (the affinity the re-activation multiplies a CAM with), returns (L,) tensors:
+
+    - ``object_share``: over foreground query patches, the share of A's row mass (over patches
+      with a label) that falls on patches of the query's own class; ``object_chance`` the same
+      share for a uniform row (the fraction of such patches). Re-activation keeps an object's
+      score on the object only when the share is well above one half.
+    - ``patch_mass``: A's row mass on patches at all (the rest goes to the other tokens).
+    - ``distance``: the mean distance (in patches) between a query and the patches it attends
+      to; ``distance_uniform`` the same for a uniform row. Pretrained ViTs' shallow layers are
+      local (distance well below uniform).
+    - ``sink``: the fraction of query patches whose most-attended patch is the image's most
+      common one (attention "sinks": every query reading the same patch).
+    """
+    L, B, Hd, T, dh = q.shape
+    if labels.dim() != 3 or labels.shape[0] != B:
+        raise ValueError(f"labels must be (B,h,w) with B={B}, got {tuple(labels.shape)}")
+    h, w = labels.shape[-2:]
+    N = h * w
+    if N > T:
+        raise ValueError(f"labels hold {N} patches but q, k only {T} tokens")
+    P = T - N
+    scale = dh ** -0.5 if scale is None else scale
+    lab = labels.reshape(B, N).to(q.device)
+    valid = (lab != ignore_index).float()  # (B,N)
+    fg = (lab != ignore_index) & (lab != 0)
+    same = (lab[:, :, None] == lab[:, None, :]).float() * valid[:, None, :]  # (B,N,N)
+    ys, xs = torch.meshgrid(torch.arange(h, device=q.device), torch.arange(w, device=q.device), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], dim=-1).float()
+    dist = torch.cdist(pos, pos)  # (N,N)
+    n_fg = fg.sum().clamp(min=1)
+    chance = ((same.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)) * fg).sum() / n_fg
+    out = {name: [] for name in ("object_share", "patch_mass", "distance", "sink")}
+    for layer in range(L):
+        logits = (q[layer].float() @ k[layer].float().transpose(-1, -2)) * scale  # (B,Hd,T,T)
+        a = logits.softmax(dim=-1).mean(dim=1)[:, P:, P:]  # (B,N,N)
+        on_valid = (a * valid[:, None, :]).sum(-1).clamp(min=1e-12)
+        share = (a * same).sum(-1) / on_valid
+        out["object_share"].append((share * fg).sum() / n_fg)
+        out["patch_mass"].append(a.sum(-1).mean())
+        out["distance"].append(((a / a.sum(-1, keepdim=True).clamp(min=1e-12)) * dist).sum(-1).mean())
+        top = a.argmax(dim=-1)  # (B,N)
+        common = torch.stack([torch.bincount(t, minlength=N).max() for t in top]).float() / N
+        out["sink"].append(common.mean())
+    stats = {name: torch.stack(v) for name, v in out.items()}
+    stats["object_chance"] = chance.expand(L).clone()
+    stats["distance_uniform"] = dist.mean().expand(L).clone()
+    return stats
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@ loss, affinity loss without entropy weights, full), chosen by ``model.method``.
 Trains and evaluates each variant into ``<run_dir>/ablation/<variant>``, then writes
 ``<run_dir>/ablation/results.md`` (the measured table). MoRe adds PNG panels
 ``image | CAM | LAM without GCR/LIR | LAM`` that show what the two modules change; AReAM adds
-``layerwise.png``, the per-layer pseudo-label mIoU with and without AReAM.
+``layerwise.png``, the per-layer pseudo-label mIoU with and without AReAM, and per variant and
+layer the share of a foreground patch's attention that stays on its own class
+(``wsss.tools.affinity``), which says whether the affinities can re-activate a CAM at all.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def run_ablation(cfg_path, overrides, variants=None, reuse: bool = False):
     table_of, rows = (AREAM_VARIANTS, AREAM_ROWS) if aream else (VARIANTS, ROWS)
     variants = tuple(variants or table_of)
     out = Path(base.run_dir) / "ablation"
-    results, ckpts, curves = {}, {}, {}
+    results, ckpts, curves, affinity = {}, {}, {}, {}
     for name in variants:
         if name not in table_of:
             raise ValueError(f"unknown variant {name!r}; valid: {', '.join(table_of)}")
@@ -77,6 +79,8 @@ def run_ablation(cfg_path, overrides, variants=None, reuse: bool = False):
         results[name] = {r["result"]: r["miou"] for r in result["table"]}
         if result["series"].get("layerwise"):
             curves[name] = result["series"]["layerwise"]
+        if aream:
+            affinity[name] = _affinity(cfg, ckpts[name][1])
     lines = [f"Ablation of `{cfg_path}` {' '.join(overrides)} (mIoU, %)", "",
              "| variant | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
     for name, res in results.items():
@@ -93,10 +97,32 @@ def run_ablation(cfg_path, overrides, variants=None, reuse: bool = False):
                   "(`layerwise.png`)\n\n| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
         for i, layer in enumerate(layers):
             table += f"| {layer} | " + " | ".join(f"{100 * curves[n][i][1]:.1f}" for n in names) + " |\n"
+    if affinity:
+        names = list(affinity)
+        chance = next(iter(affinity.values()))["object_chance"][0]
+        table += ("\nShare of a foreground patch's patch attention on its own class, per layer (`wsss.tools.affinity`; "
+                  f"uniform attention: {chance:.2f}; the re-activation keeps a score on its object only well above 0.5)"
+                  "\n\n| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
+        for i in range(len(affinity[names[0]]["object_share"])):
+            table += f"| {i} | " + " | ".join(f"{affinity[n]['object_share'][i]:.2f}" for n in names) + " |\n"
     (out / "results.md").write_text(table)
     if "full" in ckpts and "no GCR, no LIR" in ckpts:
         write_panels(ckpts["full"], ckpts["no GCR, no LIR"], out / "panels")
     return table
+
+
+def _affinity(cfg, ckpt):
+    """``wsss.tools.affinity``'s statistics of a variant on its ``eval.train_images`` train images."""
+    from wsss.data import build_segmentation_set
+    from wsss.eval.evaluate import load_model
+    from wsss.utils.device import resolve_device
+
+    from .affinity import compute_affinity_statistics
+
+    device = resolve_device(cfg.device)
+    model, _ = load_model(cfg, ckpt, device)
+    ds = build_segmentation_set(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.cls_labels or None)
+    return compute_affinity_statistics(model, ds, cfg.data.crop_size, device, cfg.eval.train_images)
 
 
 @torch.no_grad()
