@@ -175,6 +175,10 @@ def test_training_offline_entropy_and_evaluation(data_root, tmp_path):
     assert stats["images"] == 2 and len(stats["statistics"]["object_share"]) == 3
     assert all(0 <= v <= 1 for v in stats["statistics"]["object_share"] + stats["statistics"]["sink"])
     assert "| 2 |" in (tmp_path / "aff" / "affinity.md").read_text()
+    assert set(stats["reactivation"]) == {"gated CAM, no re-activation", "model affinity, layers 0-0",
+                                          *(f"reference affinity, own-class share {s:g}"
+                                            for s in (0.25, 0.5, 0.75, 0.9, 1.0))}
+    assert all(0 <= v <= 1 for v in stats["reactivation"].values())
     with pytest.raises(SystemExit) as e:
         affinity_main(["--cfg", str(cfg_file), "--ckpt", str(tmp_path / "nope.pt")])
     assert e.value.code == 2
@@ -244,7 +248,8 @@ def test_ablation_three_rows_and_reuse(data_root, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "ablation" / "layerwise.png").is_file()
     share = table.split("own class, per layer")[1].splitlines()
     assert share[2] == "| layer | " + " | ".join(ablation.AREAM_VARIANTS) + " |"
-    assert [line.split(" | ")[0] for line in share[4:]] == ["| 0", "| 1", "| 2"]
+    assert [line.split(" | ")[0] for line in share[4:7]] == ["| 0", "| 1", "| 2"]
+    assert "| reference affinity, own-class share 1 |" in table
 
     def no_training(cfg):
         raise AssertionError("--reuse must not train a finished variant again")
@@ -296,3 +301,28 @@ def test_affinity_statistics_hand_case():
     # labels without the batch dimension are refused
     with pytest.raises(ValueError, match="labels"):
         affinity_statistics(q, k, labels[0])
+
+
+def test_reference_affinity_has_the_share_it_is_built_with():
+    """The affinity tool's yardstick: rows sum to 1 and ``affinity_statistics`` reads back the
+    share; token labels are each token's majority label."""
+    from wsss.cam import affinity_statistics
+    from wsss.tools.affinity import reference_affinity, token_labels
+
+    label = torch.zeros(8, 8, dtype=torch.long)
+    label[:4, :4] = 1  # token (0,0): all class 1
+    label[:3, 4:] = 2  # token (0,1): 12 of 16 pixels class 2
+    label[4:, :4] = 255  # token (1,0): ignored
+    label[4, 4] = 3  # token (1,1): 1 of 16 pixels class 3 -> background
+    tok = token_labels(label, 2, num_classes=4)
+    assert tok.tolist() == [[[1, 2], [255, 0]]]
+    labels = torch.tensor([[[1, 1, 0], [2, 0, 255]]])  # (1,2,3)
+    for share in (0.25, 0.6, 1.0):
+        A = reference_affinity(labels, share)
+        torch.testing.assert_close(A.sum(-1), torch.ones(1, 6))
+        assert A[0, :, 5].abs().max() == 0  # the ignored patch gets nothing
+        # as logits of a 1-token-prefix attention with k = I: softmax(log A) = A
+        logits = torch.cat([torch.full((6, 1), -1e4), A[0].clamp(min=1e-30).log()], dim=1)
+        logits = torch.cat([torch.zeros(1, 7), logits])[None, None, None]  # (L,B,Hd,T,T)
+        stats = affinity_statistics(logits, torch.eye(7).expand(1, 1, 1, 7, 7).contiguous(), labels, scale=1.0)
+        assert stats["object_share"].item() == pytest.approx(share, abs=1e-5)

@@ -105,6 +105,11 @@ def run_ablation(cfg_path, overrides, variants=None, reuse: bool = False):
                   "\n\n| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
         for i in range(len(affinity[names[0]]["object_share"])):
             table += f"| {i} | " + " | ".join(f"{affinity[n]['object_share'][i]:.2f}" for n in names) + " |\n"
+        table += ("\nPseudo-label mIoU (%) of the gated CAM re-activated by the model's affinity and by mask-built "
+                  "reference affinities of a given own-class share (`wsss.tools.affinity`; scale 1, best background "
+                  "threshold)\n\n| affinity | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
+        for row in affinity[names[0]]["reactivation"]:
+            table += f"| {row} | " + " | ".join(f"{100 * affinity[n]['reactivation'][row]:.1f}" for n in names) + " |\n"
     (out / "results.md").write_text(table)
     if "full" in ckpts and "no GCR, no LIR" in ckpts:
         write_panels(ckpts["full"], ckpts["no GCR, no LIR"], out / "panels")
@@ -112,17 +117,21 @@ def run_ablation(cfg_path, overrides, variants=None, reuse: bool = False):
 
 
 def _affinity(cfg, ckpt):
-    """``wsss.tools.affinity``'s statistics of a variant on its ``eval.train_images`` train images."""
+    """``wsss.tools.affinity``'s statistics and re-activation table of a variant on its
+    ``eval.train_images`` train images."""
     from wsss.data import build_segmentation_set
     from wsss.eval.evaluate import load_model
     from wsss.utils.device import resolve_device
 
-    from .affinity import compute_affinity_statistics
+    from .affinity import compute_affinity_statistics, reactivation_table
 
     device = resolve_device(cfg.device)
     model, _ = load_model(cfg, ckpt, device)
     ds = build_segmentation_set(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.cls_labels or None)
-    return compute_affinity_statistics(model, ds, cfg.data.crop_size, device, cfg.eval.train_images)
+    stats = compute_affinity_statistics(model, ds, cfg.data.crop_size, device, cfg.eval.train_images)
+    stats["reactivation"] = reactivation_table(model, ds, cfg.data.crop_size, device, cfg.aream.layer_index,
+                                               tuple(float(t) for t in cfg.eval.bkg_sweep), cfg.eval.train_images)
+    return stats
 
 
 @torch.no_grad()
