@@ -28,7 +28,7 @@ demo: install
 	$(PY) -m wsss.eval --cfg configs/demo.yaml --ckpt $(DEMO_RUN)/checkpoint.pt data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
 
 # AReAM on the same data: three trainings (no affinity loss / no entropy weights / full AReAM),
-# their pseudo-label table and the layer-wise plot in runs/demo_aream/ablation/.
+# their pseudo-label table, the layer-wise plot and the affinity statistics in runs/demo_aream/ablation/
 demo-aream: install
 	$(PY) -m wsss.data.synthetic --out $(DEMO_DATA)
 	$(PY) -m wsss.tools.ablation --cfg configs/demo_aream.yaml data.root=$(DEMO_DATA) run_dir=runs/demo_aream
