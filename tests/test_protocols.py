@@ -169,3 +169,46 @@ def test_aream_official_protocol_pads_flips_and_uses_all_layers_uniformly():
     # fp32, batched [x; flip] vs one image at a time and q·kᵀ in another order: 1e-4 after the
     # normalisation to [0, 1]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_e2_lam_segmentation_with_predicted_labels_by_value():
+    """E2 (SPEC §4) end to end on a real MoRe with fixed random weights, two images of different
+    sizes in one batch: each image resized to S² (bilinear); predicted labels from the S² input
+    alone (seg argmax classes with >= 4 pixels, else cls_logits > 0); LAM = F · GCR class tokens
+    at each scale (bilinear resize to a multiple of the patch) and its flip, both resized to S²,
+    flip merged by MAX, no ReLU, summed over scales, min-max normalised; resized to the label
+    size; label = 1 + argmax over the predicted classes, background where <= bkg_thre."""
+    from wsss.cam import normalize_maps
+    from wsss.methods import get_method
+    from wsss.models import MoRe
+
+    torch.manual_seed(0)
+    S, scales, bkg = 32, (1.0, 0.5, 1.5), 0.5
+    cfg = load_config(None, [f"eval.input_size={S}", f"eval.lam_seg_scales={list(scales)}", f"eval.bkg_thre={bkg}",
+                             "eval.crf=false"])
+    model = MoRe(3, backbone="custom", embed_dim=32, depth=3, num_heads=2, patch_size=8, img_size=32,
+                 decoder_dim=8, num_reg_tokens=1).eval()
+    sizes = [(40, 44), (24, 36)]
+    batch = [{"image": torch.randn(3, h, w), "label": torch.zeros(h, w, dtype=torch.long),
+              "cls_label": torch.tensor([1.0, 0.0, 1.0]), "image_uint8": torch.zeros(h, w, 3, dtype=torch.uint8)}
+             for h, w in sizes]
+    protocol = get_method("more").protocol_table(cfg)["E2"]()
+    got = protocol.predict(model, batch, torch.device("cpu"))
+    row = "E2 LAM segmentation, predicted labels (val)"
+    for item, size, result in zip(batch, sizes, got):
+        with torch.no_grad():
+            x = F.interpolate(item["image"][None], size=(S, S), mode="bilinear", align_corners=False)
+            y = predicted_image_labels(model, x, S)
+            acc = 0
+            for s in scales:
+                side = max(8, int(round(S * s / 8)) * 8)
+                z = x if side == S else F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+                a = F.interpolate(model.lam(z), size=(S, S), mode="bilinear", align_corners=False)
+                b = F.interpolate(model.lam(z.flip(-1)), size=(S, S), mode="bilinear", align_corners=False).flip(-1)
+                acc = acc + torch.maximum(a, b)
+            lam = F.interpolate(normalize_maps(acc), size=size, mode="bilinear", align_corners=False)
+        m = lam * y[:, :, None, None]
+        v, idx = m.max(1)
+        expected = torch.where(v <= bkg, 0, idx + 1)[0]
+        assert torch.equal(result[row], expected)
+    assert {tuple(r[row].shape) for r in got} == set(sizes)

@@ -8,7 +8,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from wsss.cam import cam_to_label, multi_scale_lam
+from wsss.cam import cam_to_label, multi_scale_lam, multi_scale_maps
 from wsss.kernels import masked_cosine_affinity_loss
 from wsss.losses import (DenseEnergyLoss, classification_loss, cle_loss, seg_loss, token_regularization_loss,
                          une_loss)
@@ -122,11 +122,17 @@ def predicted_image_labels(model, image: torch.Tensor, size: int, min_pixels: in
     at least ``min_pixels`` pixels of the ``size × size`` input (logits upsampled to it, bilinear);
     if none, the classifier's ``cls_logits > 0``. (B,C) float."""
     out = model(resize_square(image, size), with_score_maps=False)
-    C = out.cls_logits.shape[1]
-    pred = to_label_size(out.seg_logits, (size, size)).argmax(dim=1)  # (B,S,S)
+    return image_labels_from_logits(out.seg_logits, out.cls_logits, size, min_pixels)
+
+
+def image_labels_from_logits(seg_logits: torch.Tensor, cls_logits: torch.Tensor, size: int,
+                             min_pixels: int = 4) -> torch.Tensor:
+    """:func:`predicted_image_labels` from a forward's segmentation and class logits."""
+    C = cls_logits.shape[1]
+    pred = to_label_size(seg_logits, (size, size)).argmax(dim=1)  # (B,S,S)
     counts = torch.stack([(pred == c + 1).flatten(1).sum(1) for c in range(C)], dim=1)  # (B,C)
     from_seg = (counts >= min_pixels).float()
-    from_cls = (out.cls_logits > 0).float()
+    from_cls = (cls_logits > 0).float()
     use_seg = (pred > 0).flatten(1).any(1, keepdim=True)
     return torch.where(use_seg, from_seg, from_cls)
 
@@ -187,9 +193,20 @@ class MoReMethod(BaselineMethod):
             rows.append(Row("E2 LAM segmentation + CRF, predicted labels (val)", "crf_post, dense CRF t=10 1/3/67/3/4"))
 
         def predict(model, batch, device):
+            if getattr(model, "graph_layer", None) is None:
+                raise ValueError("the LAM protocols need a MoRe model with GCR (model.gcr=true)")
             x = square_batch(batch, S, device)
-            ys = predicted_image_labels(model, x, S)
-            maps = self._maps(model, x, "LAM", scales, (S, S))
+            B = x.shape[0]
+            # one forward of the S² images and their flips gives the predicted labels (first half)
+            # and the LAM of the scale whose input is S² (the same images, not encoded again)
+            out = model(torch.cat([x, x.flip(-1)]), with_score_maps=False)
+            ys = image_labels_from_logits(out.seg_logits[:B], out.cls_logits[:B], S)
+            lam_s = torch.einsum("bdhw,bcd->bchw", out.patch_features, out.class_tokens)
+
+            def lam(z):  # multi_scale_maps passes the unresized images (+ flips) at scale sizes equal to S²
+                return lam_s if z.shape[-2:] == x.shape[-2:] else model.lam(z)
+
+            maps = multi_scale_maps(lam, x, scales, model.patch_size, (S, S), relu=False)
             outs = []
             for i, item in enumerate(batch):
                 valid, lab = cam_to_label(to_label_size(maps[i:i + 1], image_size(item)), ys[i:i + 1], bkg_thre=bkg)
