@@ -123,15 +123,14 @@ def _affinity(cfg, ckpt):
     from wsss.eval.evaluate import load_model
     from wsss.utils.device import resolve_device
 
-    from .affinity import compute_affinity_statistics, reactivation_table
+    from .affinity import affinity_report
 
     device = resolve_device(cfg.device)
     model, _ = load_model(cfg, ckpt, device)
     ds = build_segmentation_set(cfg.data.dataset, cfg.data.root, cfg.data.train_split, cfg.data.cls_labels or None)
-    stats = compute_affinity_statistics(model, ds, cfg.data.crop_size, device, cfg.eval.train_images)
-    stats["reactivation"] = reactivation_table(model, ds, cfg.data.crop_size, device, cfg.aream.layer_index,
-                                               tuple(float(t) for t in cfg.eval.bkg_sweep), cfg.eval.train_images)
-    return stats
+    stats, reactivation = affinity_report(model, ds, cfg.data.crop_size, device, cfg.aream.layer_index,
+                                          tuple(float(t) for t in cfg.eval.bkg_sweep), cfg.eval.train_images)
+    return {**stats, "reactivation": reactivation}
 
 
 @torch.no_grad()

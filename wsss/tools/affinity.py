@@ -33,7 +33,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,32 +41,6 @@ import torch.nn.functional as F
 REFERENCE_SHARES = (0.25, 0.5, 0.75, 0.9, 1.0)
 COLUMNS = (("object_share", "own-class share"), ("object_chance", "uniform share"), ("patch_mass", "mass on patches"),
            ("distance", "mean distance"), ("distance_uniform", "uniform distance"), ("sink", "sink fraction"))
-
-
-@torch.no_grad()
-def compute_affinity_statistics(model, seg_dataset, size: int, device, max_images: int = 0) -> Dict[str, List[float]]:
-    """Per-layer statistics (``wsss.cam.affinity_statistics``) averaged over the first
-    ``max_images`` items (0 = all) of a segmentation set (``image`` normalised, ``label``),
-    each image resized to ``size × size``, the label to the token grid (majority per token)."""
-    from wsss.cam import affinity_statistics
-    from wsss.methods.base import resize_square
-
-    if size % model.patch_size:
-        raise ValueError(f"size {size} is not a multiple of the patch size {model.patch_size}")
-    n = len(seg_dataset) if not max_images else min(max_images, len(seg_dataset))
-    if n == 0:
-        raise ValueError("the data set holds no images")
-    model.eval()
-    grid = size // model.patch_size
-    total: Dict[str, torch.Tensor] = {}
-    for i in range(n):
-        item = seg_dataset[i]
-        _, q, k = model.cam_and_qk(resize_square(item["image"][None].to(device), size))
-        label = token_labels(item["label"], grid, seg_dataset.num_classes + 1)
-        stats = affinity_statistics(q, k, label.to(device), model.attn_scale)
-        for key, v in stats.items():
-            total[key] = total.get(key, 0) + v.double().cpu()
-    return {key: (v / n).tolist() for key, v in total.items()}
 
 
 def token_labels(label: torch.Tensor, grid: int, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
@@ -96,38 +70,48 @@ def reference_affinity(labels: torch.Tensor, share: float, ignore_index: int = 2
 
 
 @torch.no_grad()
-def reactivation_table(model, seg_dataset, size: int, device, layer_index: int, sweep, max_images: int = 0,
-                       shares=REFERENCE_SHARES) -> Dict[str, float]:
-    """mIoU (best background threshold of ``sweep``) of the gated CAM as it is, re-activated by
-    the model's affinity of layers ``[0, layer_index)`` and by :func:`reference_affinity` of each
-    share, on the first ``max_images`` items (0 = all)."""
-    from wsss.cam import _reactivate, cam_to_label, class_attention_gate, normalize_maps
+def affinity_report(model, seg_dataset, size: int, device, layer_index: int, sweep, max_images: int = 0,
+                    shares=REFERENCE_SHARES) -> Tuple[Dict[str, List[float]], Dict[str, float]]:
+    """One pass over the first ``max_images`` items (0 = all) of a segmentation set (``image``
+    normalised, ``label``), each image resized to ``size × size`` and its label to the token grid
+    (majority per token). Returns ``(statistics, reactivation)``: the per-layer statistics of
+    ``wsss.cam.affinity_statistics`` averaged over the images, and the mIoU (best background
+    threshold of ``sweep``) of the gated CAM as it is, re-activated by the model's affinity of
+    layers ``[0, layer_index)`` and by :func:`reference_affinity` of each share."""
+    from wsss.cam import _reactivate, affinity_statistics, cam_to_label, class_attention_gate, normalize_maps
     from wsss.eval.metrics import ConfusionMatrix
     from wsss.methods.base import image_size, resize_square, to_label_size
 
+    if size % model.patch_size:
+        raise ValueError(f"size {size} is not a multiple of the patch size {model.patch_size}")
     n = len(seg_dataset) if not max_images else min(max_images, len(seg_dataset))
+    if n == 0:
+        raise ValueError("the data set holds no images")
     model.eval()
     grid = size // model.patch_size
     K = seg_dataset.num_classes + 1
     names = (["gated CAM, no re-activation", f"model affinity, layers 0-{layer_index - 1}"]
              + [f"reference affinity, own-class share {s:g}" for s in shares])
     mats = {name: {t: ConfusionMatrix(K) for t in sweep} for name in names}
+    total: Dict[str, torch.Tensor] = {}
     for i in range(n):
         item = seg_dataset[i]
         cam, q, k = model.cam_and_qk(resize_square(item["image"][None].to(device), size))
+        label = token_labels(item["label"], grid, K).to(device)
+        for key, v in affinity_statistics(q, k, label, model.attn_scale).items():
+            total[key] = total.get(key, 0) + v.double().cpu()
         gated = cam.float() * class_attention_gate(q, k, cam.shape[1], cam.shape[-2:], model.attn_scale)
-        label = token_labels(item["label"], grid, K)
         maps = [gated, _reactivate(gated, q, k, slice(0, layer_index), None, model.attn_scale, "reference")]
         flat = gated.flatten(2)  # (1,C,N)
         for share in shares:
-            A = reference_affinity(label.to(device), share)  # (1,N,N)
-            maps.append((flat @ A.transpose(1, 2)).reshape(gated.shape))
+            maps.append((flat @ reference_affinity(label, share).transpose(1, 2)).reshape(gated.shape))
         y = item["cls_label"][None].to(device)
         for name, m in zip(names, maps):
             m = normalize_maps(to_label_size(m, image_size(item)))
             for t in sweep:
                 mats[name][t].update(cam_to_label(m, y, bkg_thre=t)[1][0], item["label"])
-    return {name: max(mat.miou() for mat in by_t.values()) for name, by_t in mats.items()}
+    stats = {key: (v / n).tolist() for key, v in total.items()}
+    return stats, {name: max(mat.miou() for mat in by_t.values()) for name, by_t in mats.items()}
 
 
 def format_table(stats: Dict[str, List[float]]) -> str:
@@ -158,6 +142,7 @@ def main(argv=None) -> int:
         parser.error(f"--ckpt {args.ckpt}: no such file")
     from wsss.data import DatasetError, build_segmentation_set
     from wsss.eval.evaluate import load_model
+    from wsss.utils.checkpoint import write_text_atomic
     from wsss.utils.device import resolve_device
 
     try:
@@ -170,28 +155,23 @@ def main(argv=None) -> int:
     size = args.size or cfg.data.crop_size
     if size % model.patch_size:
         parser.error(f"--size {size} is not a multiple of the patch size {model.patch_size}")
-    t0 = time.time()
-    stats = compute_affinity_statistics(model, ds, size, device, args.max_images)
-    table = format_table(stats)
     layer_index = cfg.aream.layer_index
     if not 1 <= layer_index <= model.depth:
         parser.error(f"aream.layer_index={layer_index} must be in [1, {model.depth}] for this {model.depth}-block model")
     sweep = tuple(float(t) for t in cfg.eval.bkg_sweep)
-    curve = reactivation_table(model, ds, size, device, layer_index, sweep, args.max_images)
+    t0 = time.time()
+    stats, curve = affinity_report(model, ds, size, device, layer_index, sweep, args.max_images)
+    table = format_table(stats)
     table += ("\nPseudo-label mIoU (%) of the gated CAM re-activated by each affinity (scale 1, best background "
               f"threshold of {list(sweep)})\n\n| affinity | mIoU |\n|---|---|\n"
               + "".join(f"| {name} | {100 * v:.1f} |\n" for name, v in curve.items()))
     out = Path(cfg.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
     images = min(args.max_images or len(ds), len(ds))
     header = (f"Affinity statistics of `{args.ckpt}` on {images} images of {cfg.data.root} "
               f"({cfg.data.train_split}), {size}x{size}, {time.time() - t0:.1f} s\n\n")
-    for name, text in (("affinity.md", header + table),
-                       ("affinity.json", json.dumps({"statistics": stats, "reactivation": curve, "images": images, "size": size,
-                                                     "checkpoint": str(args.ckpt)}, indent=2))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    write_text_atomic(out / "affinity.md", header + table)
+    write_text_atomic(out / "affinity.json", json.dumps({"statistics": stats, "reactivation": curve, "images": images,
+                                                         "size": size, "checkpoint": str(args.ckpt)}, indent=2))
     print(header + table, end="")
     return 0
 

@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     from wsss.cam import normalize_entropy
     from wsss.data import DATASETS, DatasetError
     from wsss.eval.evaluate import load_model
+    from wsss.utils.checkpoint import write_text_atomic
     from wsss.utils.device import resolve_device
     from wsss.utils.logging import setup_logging
 
@@ -107,14 +108,11 @@ def main(argv=None) -> int:
     t0 = time.time()
     entropy = compute_layer_entropy(model, images, device, args.max_images, cfg.impl)
     out = Path(args.out or Path(cfg.run_dir) / "layer_entropy.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"entropy_bits": entropy.tolist(), "normalized": normalize_entropy(entropy).tolist(),
               "images": min(args.max_images or len(images), len(images)), "size": size,
               "checkpoint": str(args.ckpt), "data": cfg.data.root, "split": cfg.data.train_split,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(record, indent=2))
     log.info("layer entropies (bits) %s in %.1fs -> %s", " ".join(f"{v:.3f}" for v in entropy.tolist()),
              time.time() - t0, out)
     print(out)

@@ -35,6 +35,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename (an interrupted write
+    never leaves a truncated file under the final name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path, **payload) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
