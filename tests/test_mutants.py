@@ -297,6 +297,19 @@ def test_active_weights_follow_the_voc_stages():
     assert active_weights(cfg.loss, schedule, 2001) == {**early, "seg": 0.12, "reg": 0.05}
 
 
+def _labels_and_seg_logits(model, batch, cfg):
+    """What the segmentation stage trains on (SPEC §3 steps 1-3): the PAR-refined labels of the
+    main training CAM, and the decoder's logits upsampled to the 32×32 crop."""
+    from wsss.methods.baseline import refined_pseudo_labels, training_cams
+
+    images = batch["image"]
+    cam, _ = training_cams(model, images, cfg)
+    label = refined_pseudo_labels(images, cam, batch["cls_label"], batch["valid"], cfg)
+    seg = F.interpolate(model(images, with_score_maps=False).seg_logits, size=(32, 32), mode="bilinear",
+                        align_corners=False)
+    return label, seg
+
+
 def _more_setup(*overrides, gcr=True, valid=None):
     torch.manual_seed(0)
     model = MoRe(3, backbone="custom", embed_dim=32, depth=3, num_heads=2, patch_size=8, img_size=32,
@@ -350,7 +363,6 @@ def test_more_regularized_loss_after_its_stage():
     """SPEC §3.6: after the warm iterations ``w_reg · DenseEnergyLoss`` on the normalised input,
     the upsampled segmentation logits and the refined label (crop box as the roi)."""
     from wsss.crf.energy import DenseEnergyLoss
-    from wsss.methods.baseline import refined_pseudo_labels, training_cams
 
     model, batch, cfg = _more_setup("loss.w_reg=0.05", "loss.reg_weight=1.0", "loss.starts.seg=0.1",
                                     "loss.starts.reg=0.1")
@@ -358,12 +370,8 @@ def test_more_regularized_loss_after_its_stage():
     fn = get_method("more").objective(cfg, "cpu")
     assert "reg" not in fn(model, batch, 10, cfg, schedule, NO_AMP)
     losses = fn(model, batch, 11, cfg, schedule, NO_AMP)
-    images = batch["image"]
-    cam, _ = training_cams(model, images, cfg)
-    label = refined_pseudo_labels(images, cam, batch["cls_label"], batch["valid"], cfg)
-    seg = F.interpolate(model(images, with_score_maps=False).seg_logits, size=(32, 32), mode="bilinear",
-                        align_corners=False)
-    expected = 0.05 * DenseEnergyLoss(weight=1.0)(images, seg, label, roi=batch["valid"].float())
+    label, seg = _labels_and_seg_logits(model, batch, cfg)
+    expected = 0.05 * DenseEnergyLoss(weight=1.0)(batch["image"], seg, label, roi=batch["valid"].float())
     torch.testing.assert_close(losses["reg"], expected)
 
 
@@ -371,7 +379,6 @@ def test_baseline_seg_loss_starts_with_its_stage():
     """The baseline (``model.method=baseline``): the idle zero before ``loss.starts.seg``, then
     ``w_seg · L_seg`` on the PAR-refined labels of the main CAM (SPEC §3 steps 1-3, §3.6)."""
     from wsss.losses import seg_loss
-    from wsss.methods.baseline import refined_pseudo_labels, training_cams
 
     model, batch, cfg = _more_setup("model.method=baseline", "loss.starts.seg=0.1", gcr=False)
     schedule = Schedule.from_config(cfg)
@@ -379,11 +386,7 @@ def test_baseline_seg_loss_starts_with_its_stage():
     before = fn(model, batch, 10, cfg, schedule, NO_AMP)
     assert set(before) == {"cls", "aux", "seg"} and float(before["seg"].detach()) == 0.0
     after = fn(model, batch, 11, cfg, schedule, NO_AMP)
-    images = batch["image"]
-    cam, _ = training_cams(model, images, cfg)
-    label = refined_pseudo_labels(images, cam, batch["cls_label"], batch["valid"], cfg)
-    seg = F.interpolate(model(images, with_score_maps=False).seg_logits, size=(32, 32), mode="bilinear",
-                        align_corners=False)
+    label, seg = _labels_and_seg_logits(model, batch, cfg)
     expected = cfg.loss.w_seg * seg_loss(seg, label, IGN)
     assert float(expected.detach()) > 0
     torch.testing.assert_close(after["seg"], expected)
